@@ -1,0 +1,1 @@
+"""Shipped tokencomp recipes (YAML), installed as the ``tokencomp.recipes`` package data."""

@@ -1,0 +1,535 @@
+"""The engine: all model surgery lives here, as removable PyTorch hooks on an unmodified model.
+
+``apply(model, recipe)`` installs
+
+1. a forward pre-hook (and an always-called forward hook) on the ``*ForConditionalGeneration``
+   model, which decides per call whether this forward is a *prefill* to compress (vision tokens in
+   the input, empty cache), a *decode* step after a compressed prefill (the cache carries our
+   metadata), or neither;
+2. a forward pre-hook on every decoder layer. In a prefill, at a stage layer it scores and drops
+   vision tokens from the hidden states; at every layer after the first drop it replaces the
+   attention mask, rotary tables and position ids with versions *gathered* from the full-length
+   originals (kept tokens keep their original positions). In a decode step it picks the mask
+   columns that match the layer's shorter KV cache;
+3. forward hooks on ``q_proj``/``k_proj`` of the layers whose attention rows a scorer needs.
+
+Per-forward state lives in a thread-local stack (so concurrent forwards on one model do not mix)
+and, for decoding, on the cache object itself (so its lifetime follows the cache). Nothing is
+written into the model; :meth:`Handle.remove` removes every hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from . import masks as M
+from .accounting import kept_count
+from .errors import UnsupportedModelError
+from .interfaces import LayerView, Stage
+from .plugins import registry
+from .probes import attention_rows
+from .recipe import Recipe, load_recipe
+
+_META_ATTR = "_tokencomp_meta"
+_active: "weakref.WeakKeyDictionary[torch.nn.Module, Handle]" = weakref.WeakKeyDictionary()
+_active_lock = threading.Lock()
+
+
+@dataclass
+class Stats:
+    """What the last compressed forward (the prefill of a ``generate``) did.
+
+    ``vision_tokens_per_layer[b][l]``: vision tokens of sample ``b`` entering decoder layer ``l``.
+    ``kept_positions[layer][b]``: original sequence positions of the vision tokens sample ``b`` kept
+    at that stage. ``output_positions``: (B, S) original position of every token the decoder
+    returned (its output is shorter than the input after a drop).
+    """
+
+    vision_tokens_per_layer: list[list[int]] = field(default_factory=list)
+    kept_positions: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    output_positions: Optional[torch.Tensor] = None
+    sequence_length: int = 0
+
+    def average_vision_tokens(self) -> list[float]:
+        """Per sample, the mean over layers of the vision tokens (the papers' token budget)."""
+        return [sum(row) / len(row) for row in self.vision_tokens_per_layer if row]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly copy."""
+        return {
+            "vision_tokens_per_layer": self.vision_tokens_per_layer,
+            "kept_positions": {str(k): [t.tolist() for t in v] for k, v in self.kept_positions.items()},
+            "sequence_length": self.sequence_length,
+            "average_vision_tokens": self.average_vision_tokens(),
+        }
+
+
+@dataclass
+class _LayerMeta:
+    """What a decode step needs to know about one compacted layer: kept original indices, live slots."""
+
+    idx: torch.Tensor
+    alive: torch.Tensor
+
+
+@dataclass
+class _CacheMeta:
+    """Metadata stored on the cache object after a compressed prefill (reordered with beam search)."""
+
+    handle_id: int
+    prefill_len: int
+    layers: dict[int, _LayerMeta]
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        for meta in self.layers.values():
+            meta.idx = meta.idx.index_select(0, beam_idx.to(meta.idx.device))
+            meta.alive = meta.alive.index_select(0, beam_idx.to(meta.alive.device))
+
+
+@dataclass
+class _Forward:
+    """State of one forward call (one prefill or one decode step) on one thread."""
+
+    mode: str  # "prune" or "decode"
+    cache_meta: Optional[_CacheMeta] = None
+    # prefill
+    length: int = 0
+    is_vision: Optional[torch.Tensor] = None  # (B, L)
+    valid: Optional[torch.Tensor] = None  # (B, L)
+    groups: Optional[torch.Tensor] = None  # (B, L)
+    last: Optional[torch.Tensor] = None  # (B,) original index of the last real token
+    idx: Optional[torch.Tensor] = None  # (B, S) original indices of the current tokens; None: all
+    alive: Optional[torch.Tensor] = None  # (B, S)
+    full: Optional[dict] = None  # full-length layer kwargs captured at layer 0
+    cur: Optional[dict] = None  # gathered layer kwargs for the current idx
+    prev_hidden: Optional[torch.Tensor] = None
+    embeddings: Optional[torch.Tensor] = None
+    capture: dict = field(default_factory=dict)  # layer -> {"q": ..., "k": ...}
+    probe_queries: dict = field(default_factory=dict)  # drop layer -> (B, Q) query indices at layer - 1
+    counts: dict = field(default_factory=dict)  # layer -> (B,) vision tokens from that layer on
+    kept: dict = field(default_factory=dict)
+    cache: Any = None
+    stats: Optional[Stats] = None
+
+
+class Handle:
+    """An applied recipe. ``handle.stats`` describes the last compressed forward;
+    ``handle.remove()`` (or leaving the ``with`` block) restores the model exactly."""
+
+    def __init__(self, model: torch.nn.Module, recipe: Recipe):
+        self.model = model
+        self.recipe = recipe
+        reg = registry()
+        self.adapter = reg.adapter_for(model)
+        self.decoder = self.adapter.language_model(model)
+        self.layers = list(self.decoder.layers)
+        self.num_layers = len(self.layers)
+        self.stages: list[Stage] = recipe.stages(self.num_layers)
+        self.stage_at = {s.layer: s for s in self.stages}
+        self.text_config = self.decoder.config
+        self.vision_ids = torch.tensor(self.adapter.vision_token_ids(model), dtype=torch.long)
+        if self.vision_ids.numel() == 0:
+            raise UnsupportedModelError(f"{type(model).__name__}: the adapter found no image/video token id in the config")
+        self._check_supported()
+        self.kind = M.mask_kind(self.text_config._attn_implementation)
+        self.stats = Stats()
+        self._tls = threading.local()
+        self._hooks: list = []
+        self._undo: list = []
+        self._removed = False
+
+    # ------------------------------------------------------------------ set-up and removal
+
+    def _check_supported(self) -> None:
+        cfg, model = self.text_config, self.model
+        impl = cfg._attn_implementation or "eager"
+        try:
+            M.mask_kind(impl)
+        except ValueError:
+            raise UnsupportedModelError(
+                f"attention implementation {impl!r} is not supported by tokencomp (use eager, sdpa or flash_attention_2)"
+            ) from None
+        layer_types = getattr(cfg, "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types) or (
+            getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None)
+        ):
+            raise UnsupportedModelError("sliding-window / hybrid attention layers are not supported yet")
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and getattr(gen, "cache_implementation", None) not in (None, "dynamic"):
+            raise UnsupportedModelError(
+                f"cache_implementation={gen.cache_implementation!r} is not supported: per-layer KV lengths differ "
+                "after a drop, which needs the dynamic cache"
+            )
+        if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
+            raise UnsupportedModelError("torch.compile'd models are not supported: apply before compiling is not possible either")
+        for stage in self.stages:
+            scorer = stage.scorer
+            if scorer.attention is not None:
+                attn = self.layers[stage.layer if scorer.attention == "current" else stage.layer - 1].self_attn
+                for name in ("q_proj", "k_proj"):
+                    if not isinstance(getattr(attn, name, None), torch.nn.Module):
+                        raise UnsupportedModelError(
+                            f"scorer {scorer.name!r} needs attention rows but layer attention has no {name}"
+                        )
+
+    def _install(self) -> None:
+        with _active_lock:
+            if self.model in _active:
+                raise RuntimeError(
+                    f"a tokencomp recipe is already applied to this {type(self.model).__name__}; remove() it first"
+                )
+            _active[self.model] = self
+        try:
+            self._hooks.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+            self._hooks.append(self.model.register_forward_hook(self._post_forward, with_kwargs=True, always_call=True))
+            for i, layer in enumerate(self.layers):
+                self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            for stage in self.stages:
+                if stage.scorer.attention == "previous":
+                    attn = self.layers[stage.layer - 1].self_attn
+                    for name in ("q", "k"):
+                        proj = getattr(attn, f"{name}_proj")
+                        self._hooks.append(proj.register_forward_hook(self._capture_hook(stage.layer - 1, name)))
+            undo = self.adapter.install(self.model, self)
+            if undo is not None:
+                self._undo.append(undo)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Remove every hook and patch; the model is exactly as before :func:`apply`."""
+        if self._removed:
+            return
+        self._removed = True
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        with _active_lock:
+            if _active.get(self.model) is self:
+                del _active[self.model]
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # ------------------------------------------------------------------ per-thread options
+
+    def _opt(self, name: str, default=None):
+        return getattr(self._tls, name, default)
+
+    @contextlib.contextmanager
+    def _set_opt(self, name: str, value):
+        old = getattr(self._tls, name, None)
+        setattr(self._tls, name, value)
+        try:
+            yield self
+        finally:
+            setattr(self._tls, name, old)
+
+    def replay(self, kept_positions: dict[int, list[torch.Tensor]]):
+        """Context manager: force the selection recorded in ``kept_positions`` (from ``stats``) in
+        this thread's compressed forwards, e.g. to recompute a generation without a cache."""
+        return self._set_opt("replay", kept_positions)
+
+    def vision_mask(self, mask: torch.Tensor):
+        """Context manager: the (B, L) bool vision-token mask for ``inputs_embeds``-only calls."""
+        return self._set_opt("explicit_mask", mask)
+
+    def current(self) -> Optional[_Forward]:
+        """The state of this thread's forward in progress (for adapters), or None."""
+        stack = self._opt("stack")
+        return stack[-1] if stack else None
+
+    # ------------------------------------------------------------------ top-level hooks
+
+    def _pre_forward(self, module, args, kwargs):
+        stack = self._opt("stack")
+        if stack is None:
+            stack = []
+            self._tls.stack = stack
+        stack.append(self._start(args, kwargs))
+        return None
+
+    def _post_forward(self, module, args, kwargs, output):
+        stack = self._opt("stack")
+        state = stack.pop() if stack else None
+        if state is not None and state.mode == "prune" and state.stats is not None:
+            self._finish_stats(state)
+        return None
+
+    def _start(self, args, kwargs) -> Optional[_Forward]:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        meta = getattr(cache, _META_ATTR, None) if cache is not None else None
+        if isinstance(meta, _CacheMeta) and meta.handle_id == id(self) and cache.get_seq_length() > 0:
+            return _Forward("decode", cache_meta=meta)
+        explicit = self._opt("explicit_mask")
+        if input_ids is not None:
+            is_vision = torch.isin(input_ids, self.vision_ids.to(input_ids.device))
+        elif explicit is not None:
+            is_vision = explicit.to(torch.bool)
+        else:
+            if kwargs.get("inputs_embeds") is not None:
+                warnings.warn(
+                    "tokencomp: inputs_embeds-only call without a vision mask; nothing is compressed. "
+                    "Wrap the call in `with handle.vision_mask(mask):`",
+                    stacklevel=3,
+                )
+            return None
+        if not bool(is_vision.any()):
+            return None  # text-only prompt: untouched
+        if cache is not None and cache.get_seq_length() > 0:
+            return None  # chunked/multi-turn prefill onto a cache we did not compress: untouched
+        if cache is not None and not _is_dynamic(cache):
+            raise UnsupportedModelError(
+                f"{type(cache).__name__} is not supported: layers hold different numbers of tokens after a "
+                "drop; use the default DynamicCache"
+            )
+        if kwargs.get("labels") is not None:
+            raise UnsupportedModelError("training with labels is not supported: outputs are shorter than labels")
+        B, L = is_vision.shape
+        mask2d = kwargs.get("attention_mask")
+        valid = mask2d.to(torch.bool) if mask2d is not None and mask2d.ndim == 2 else torch.ones_like(is_vision)
+        pos = torch.arange(L, device=is_vision.device).expand(B, L)
+        last = torch.where(valid, pos, torch.full_like(pos, -1)).max(dim=1).values
+        groups = self.adapter.vision_groups(is_vision, kwargs)
+        return _Forward("prune", length=L, is_vision=is_vision, valid=valid, groups=groups, last=last, stats=Stats())
+
+    # ------------------------------------------------------------------ decoder-layer hooks
+
+    def _layer_hook(self, layer_idx: int):
+        def hook(module, args, kwargs):
+            state = self.current()
+            if state is None:
+                return None
+            if state.mode == "decode":
+                return self._decode_layer(state, layer_idx, args, kwargs)
+            return self._prefill_layer(state, layer_idx, module, args, kwargs)
+
+        return hook
+
+    def _capture_hook(self, layer_idx: int, name: str):
+        def hook(module, args, output):
+            state = self.current()
+            if state is not None and state.mode == "prune" and layer_idx in state.capture:
+                state.capture[layer_idx][name] = output
+
+        return hook
+
+    def _prefill_layer(self, state: _Forward, i: int, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if i == 0:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            state.cache = cache
+            state.full = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
+            if any(s.scorer.needs_embeddings for s in self.stages):
+                state.embeddings = hidden
+        stage = self.stage_at.get(i)
+        if stage is not None:
+            hidden = self._drop(state, stage, module, hidden)
+        if state.idx is not None:
+            kwargs = dict(kwargs)
+            kwargs.update(state.cur)
+            if state.cache_meta is not None:
+                state.cache_meta.layers[i] = _LayerMeta(state.idx, state.alive)
+        nxt = self.stage_at.get(i + 1)
+        if nxt is not None:
+            if nxt.scorer.needs_prev_hidden:
+                state.prev_hidden = hidden
+            if nxt.scorer.attention == "previous":
+                state.capture[i] = {}
+                state.probe_queries[i + 1] = nxt.scorer.queries(self._view(state, i, hidden, stage=nxt))
+        if args:
+            args = (hidden,) + tuple(args[1:])
+        else:
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _current(self, state: _Forward, name: str):
+        return (state.cur or state.full)[name]
+
+    def _view(self, state: _Forward, layer: int, hidden, stage: Stage, attention=None, prev=None) -> LayerView:
+        B, S = hidden.shape[:2]
+        idx = state.idx if state.idx is not None else torch.arange(S, device=hidden.device).expand(B, S)
+        alive = state.alive if state.alive is not None else torch.ones(B, S, dtype=torch.bool, device=hidden.device)
+        is_vision = state.is_vision.gather(1, idx)
+        valid = state.valid.gather(1, idx)
+        last = (idx <= state.last[:, None]).sum(1) - 1
+        emb = M.gather_seq(state.embeddings, idx, 1) if state.embeddings is not None and state.idx is not None else state.embeddings
+        return LayerView(
+            layer=layer,
+            hidden=hidden,
+            vision_mask=is_vision & alive,
+            text_mask=valid & ~is_vision,
+            last_index=last,
+            positions=idx,
+            groups=state.groups.gather(1, idx),
+            prev_hidden=prev,
+            embeddings=emb,
+            attention=attention,
+            keep=stage.keep,
+        )
+
+    def _probe(self, state: _Forward, stage: Stage, module, hidden) -> torch.Tensor:
+        """Attention rows for ``stage``'s scorer, from layer ``l-1``'s captured projections or layer ``l``'s own."""
+        B, S = hidden.shape[:2]
+        cos, sin = self._current(state, "position_embeddings")
+        idx = state.idx if state.idx is not None else torch.arange(S, device=hidden.device).expand(B, S)
+        key_valid = state.valid.gather(1, idx)
+        if state.alive is not None:
+            key_valid = key_valid & state.alive
+        if stage.scorer.attention == "previous":
+            got = state.capture.pop(stage.layer - 1, {})
+            queries = state.probe_queries.pop(stage.layer)
+            if "q" not in got or "k" not in got:
+                raise RuntimeError(f"attention projections of layer {stage.layer - 1} were not captured")
+            q_rows = M.gather_seq(got["q"], queries.clamp(min=0), 1)
+            attn = self.layers[stage.layer - 1].self_attn
+            return attention_rows(attn, q_rows, got["k"], cos, sin, queries, key_valid)
+        view = self._view(state, stage.layer, hidden, stage)
+        queries = stage.scorer.queries(view)
+        normed = module.input_layernorm(hidden)
+        attn = module.self_attn
+        q_rows = attn.q_proj(M.gather_seq(normed, queries.clamp(min=0), 1))
+        return attention_rows(attn, q_rows, attn.k_proj(normed), cos, sin, queries, key_valid)
+
+    def _drop(self, state: _Forward, stage: Stage, module, hidden):
+        B, S = hidden.shape[:2]
+        dev = hidden.device
+        attention = self._probe(state, stage, module, hidden) if stage.scorer.attention else None
+        view = self._view(state, stage.layer, hidden, stage, attention=attention, prev=state.prev_hidden)
+        state.prev_hidden = None
+        cand = view.vision_mask
+        n = cand.sum(1)
+        budget = kept_count(n, stage.keep)
+        replay = self._opt("replay")
+        if replay is not None and stage.layer in replay:
+            wanted = replay[stage.layer]
+            kept = torch.zeros_like(cand)
+            for b in range(B):
+                kept[b] = cand[b] & torch.isin(view.positions[b], wanted[b].to(dev))
+            scores = kept.float()
+        elif bool(n.any()):
+            scores = stage.scorer.score(view)
+            kept = stage.selector.select(scores, view, budget) & cand
+        else:
+            scores = torch.zeros(B, S, device=dev)
+            kept = torch.zeros_like(cand)
+        is_vision_cur = state.is_vision.gather(1, view.positions)
+        base = ~is_vision_cur
+        keep = base | kept
+        row_len = keep.sum(1)
+        S_new = int(row_len.max())
+        fill = S_new - row_len
+        if bool(fill.any()):
+            # Ragged batch: pad short rows with the next-best vision tokens, marked dead.
+            from .selectors.topk import topk_mask
+
+            spare = is_vision_cur & ~kept
+            fill_scores = torch.where(cand, scores.float(), torch.full_like(scores, -1e30, dtype=torch.float32))
+            keep = keep | topk_mask(fill_scores, spare, fill)
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :S_new]
+        new_alive = (base | kept).gather(1, order)
+        new_idx = view.positions.gather(1, order)
+        hidden = M.gather_seq(hidden, order, 1)
+        state.idx, state.alive = new_idx, new_alive
+        state.counts[stage.layer] = kept.sum(1)
+        state.kept[stage.layer] = [new_idx[b][(new_alive[b] & state.is_vision[b].gather(0, new_idx[b]))] for b in range(B)]
+        self._regather(state, hidden.dtype)
+        if state.cache is not None:
+            meta = getattr(state.cache, _META_ATTR, None)
+            if not isinstance(meta, _CacheMeta) or meta.handle_id != id(self):
+                meta = _CacheMeta(id(self), state.length, {})
+                _attach(state.cache, meta)
+            state.cache_meta = meta
+        return hidden
+
+    def _regather(self, state: _Forward, dtype) -> None:
+        full = state.full
+        idx, alive = state.idx, state.alive
+        cos, sin = full["position_embeddings"]
+        cur = {
+            "attention_mask": M.gather_prefill_mask(full["attention_mask"], idx, alive, self.kind, dtype),
+            "position_embeddings": (M.gather_seq(cos, idx, 1), M.gather_seq(sin, idx, 1)),
+            # FlashAttention reads gapped position ids as packed sequences when B == 1; RoPE is
+            # already in position_embeddings, so flash layers get none after a drop.
+            "position_ids": None if self.kind == M.FLASH else M.gather_positions(full["position_ids"], idx),
+        }
+        state.cur = cur
+
+    def _decode_layer(self, state: _Forward, i: int, args, kwargs):
+        meta = state.cache_meta.layers.get(i)
+        if meta is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        q_len = hidden.shape[1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        kv_len = cache.layers[i].get_seq_length() - meta.idx.shape[1] + state.cache_meta.prefill_len + q_len
+        mask = kwargs.get("attention_mask")
+        new = M.remap_decode_mask(mask, meta.idx, meta.alive, state.cache_meta.prefill_len, kv_len, q_len, self.kind, hidden.dtype)
+        if new is mask:
+            return None
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = new
+        return args, kwargs
+
+    def _finish_stats(self, state: _Forward) -> None:
+        B = state.is_vision.shape[0]
+        n = state.is_vision.sum(1)
+        per_layer, cur = [], n
+        for i in range(self.num_layers):
+            if i in state.counts:
+                cur = state.counts[i]
+            per_layer.append(cur)
+        table = torch.stack(per_layer, dim=1).tolist() if per_layer else [[] for _ in range(B)]
+        out_pos = state.idx if state.idx is not None else torch.arange(state.length).expand(B, -1)
+        self.stats = Stats(table, dict(state.kept), out_pos, state.length)
+
+
+def _is_dynamic(cache) -> bool:
+    from transformers.cache_utils import DynamicCache
+
+    if not isinstance(cache, DynamicCache):
+        return False
+    return all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", []))
+
+
+def _attach(cache, meta: _CacheMeta) -> None:
+    """Store ``meta`` on the cache and keep it in sync when beam search reorders the cache."""
+    setattr(cache, _META_ATTR, meta)
+    original = cache.reorder_cache
+
+    def reorder_cache(beam_idx, _original=original, _meta=meta):
+        _original(beam_idx)
+        _meta.reorder(beam_idx)
+
+    cache.reorder_cache = reorder_cache
+
+
+def apply(model: torch.nn.Module, recipe, **_unused) -> Handle:
+    """Apply a recipe (a :class:`Recipe`, path, shipped name, YAML text or dict) to ``model``.
+
+    Everything is checked before the first forward: the model class (an adapter must exist), the
+    recipe's layers against the decoder depth, the attention implementation and cache type.
+    Returns a :class:`Handle`; use it as a context manager or call ``remove()``.
+    """
+    if _unused:
+        raise TypeError(f"apply() got unexpected arguments: {', '.join(_unused)}")
+    handle = Handle(model, load_recipe(recipe))
+    handle._install()
+    return handle

@@ -1,0 +1,26 @@
+"""Exception types raised by tokencomp. Every user-facing failure is one of these."""
+
+from __future__ import annotations
+
+
+class TokencompError(Exception):
+    """Base class of every error tokencomp raises on purpose."""
+
+
+class RecipeError(TokencompError, ValueError):
+    """A recipe is malformed. The message starts with ``file:line:`` (or ``<string>:line:``)."""
+
+    def __init__(self, message: str, *, source: str = "<string>", line: int | None = None):
+        self.source = source
+        self.line = line
+        self.reason = message
+        where = f"{source}:{line}" if line is not None else f"{source}:1"
+        super().__init__(f"{where}: {message}")
+
+
+class PluginError(TokencompError):
+    """A plugin failed to import or register, or two plugins claim the same name."""
+
+
+class UnsupportedModelError(TokencompError, NotImplementedError):
+    """The model (class, cache type, attention kind, layer type) is not supported by the engine."""

@@ -1,0 +1,43 @@
+"""Hook specifications of the ``tokencomp`` plugin system.
+
+A plugin is a module (or object) with functions decorated by :data:`hookimpl`. Each hook receives a
+``register`` callable and calls it with classes; the registry records which plugin provided each
+class. Built-in plugins use exactly these hooks (see ``tokencomp.plugins.BUILTIN_PLUGINS``).
+
+Example::
+
+    import tokencomp
+
+    @tokencomp.hookimpl
+    def register_scorers(register):
+        register(MyScorer)
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "tokencomp"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_scorers(register):
+    """Register :class:`tokencomp.Scorer` subclasses: ``register(cls)``."""
+
+
+@hookspec
+def register_selectors(register):
+    """Register :class:`tokencomp.Selector` subclasses: ``register(cls)``."""
+
+
+@hookspec
+def register_schedules(register):
+    """Register :class:`tokencomp.Schedule` subclasses: ``register(cls)``."""
+
+
+@hookspec
+def register_model_adapters(register):
+    """Register :class:`tokencomp.ModelAdapter` subclasses: ``register(cls)``."""

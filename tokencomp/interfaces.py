@@ -1,0 +1,165 @@
+"""The plugin interfaces: :class:`Scorer`, :class:`Selector`, :class:`Schedule`, :class:`ModelAdapter`.
+
+Plugins subclass these as small dataclasses: the dataclass fields *are* the parameters a recipe may
+set (their type hints are the schema the recipe loader validates against), and the class attribute
+``name`` is the name recipes use. Nothing here knows any method by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
+
+import torch
+
+AttentionSource = Literal["previous", "current"]
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """Read-only view of one decoder layer's input during a compressed prefill.
+
+    All ``(B, S)`` tensors index the *current* (already compacted) sequence of ``S`` tokens.
+    Scorers must not modify any tensor in it.
+    """
+
+    layer: int
+    """Index of the decoder layer about to run."""
+    hidden: torch.Tensor
+    """``(B, S, D)`` residual stream entering ``layer``."""
+    vision_mask: torch.Tensor
+    """``(B, S)`` bool: live vision tokens (the candidates to score)."""
+    text_mask: torch.Tensor
+    """``(B, S)`` bool: real (non-padding) text tokens."""
+    last_index: torch.Tensor
+    """``(B,)`` long: index of each sample's last real token (the query that generates the answer)."""
+    positions: torch.Tensor
+    """``(B, S)`` long: each token's position in the original, uncompressed sequence."""
+    groups: torch.Tensor
+    """``(B, S)`` long: image / frame number of each vision token, ``-1`` for other tokens."""
+    prev_hidden: Optional[torch.Tensor] = None
+    """``(B, S, D)`` residual stream that entered ``layer - 1`` (only if the scorer sets ``needs_prev_hidden``)."""
+    embeddings: Optional[torch.Tensor] = None
+    """``(B, S, D)`` input embeddings of the current tokens (only if the scorer sets ``needs_embeddings``)."""
+    attention: Optional[torch.Tensor] = None
+    """``(B, Q, S)`` float32 head-averaged attention probabilities of the rows the scorer asked for
+    with :meth:`Scorer.queries` (only if the scorer sets ``attention``); rows for ``-1`` queries are 0."""
+    keep: float = 1.0
+    """Fraction of the live vision tokens this stage keeps."""
+
+
+class _Plugin:
+    """Shared helpers of plugin classes: name and parameter introspection."""
+
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def params(cls) -> dict[str, dataclasses.Field]:
+        """The recipe parameters of this plugin: its dataclass fields (empty for a plain class)."""
+        if not dataclasses.is_dataclass(cls):
+            return {}
+        return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+class Scorer(_Plugin):
+    """Gives every live vision token a score; higher means more worth keeping.
+
+    Class attributes declare what the engine must provide in the :class:`LayerView`:
+
+    * ``needs_prev_hidden``: the residual stream that entered the previous layer;
+    * ``needs_embeddings``: the input embeddings of the current tokens;
+    * ``attention``: ``"previous"`` for attention rows of the layer *before* the drop layer (taken
+      from that layer's own post-RoPE q/k while it runs), ``"current"`` for rows computed with the
+      drop layer's own norm and q/k projections on its input. Rows are chosen by :meth:`queries`.
+    """
+
+    needs_prev_hidden: ClassVar[bool] = False
+    needs_embeddings: ClassVar[bool] = False
+    attention: ClassVar[Optional[AttentionSource]] = None
+
+    def queries(self, view: LayerView) -> torch.Tensor:
+        """``(B, Q)`` long indices of the query rows whose attention the scorer needs; ``-1`` pads.
+
+        Called with the view of the layer whose attention is probed. Default: the last real token.
+        """
+        return view.last_index[:, None]
+
+    def score(self, view: LayerView) -> torch.Tensor:  # pragma: no cover - interface
+        """Return ``(B, S)`` scores; only entries where ``view.vision_mask`` is True are used."""
+        raise NotImplementedError
+
+
+class Selector(_Plugin):
+    """Turns scores and a per-sample budget into the set of kept vision tokens."""
+
+    def select(self, scores: torch.Tensor, view: LayerView, budget: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """Return a ``(B, S)`` bool mask, a subset of ``view.vision_mask``.
+
+        ``budget`` is ``(B,)`` long: ``floor(n_b * keep)`` for each sample's ``n_b`` live vision tokens.
+        A selector may keep a different number (e.g. a minimum of one); the engine handles ragged counts.
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One drop point: before decoder layer ``layer`` runs, keep ``floor(n * keep)`` of the ``n`` live
+    vision tokens, scored by ``scorer`` and chosen by ``selector`` (``None``: the recipe's defaults)."""
+
+    layer: int
+    keep: float
+    scorer: Optional[Scorer] = None
+    selector: Optional[Selector] = None
+    line: Optional[int] = dataclasses.field(default=None, compare=False)
+    """Recipe line this stage came from, for error messages."""
+
+
+class Schedule(_Plugin):
+    """Produces the drop stages for a decoder of a given depth."""
+
+    def stages(self, num_layers: int) -> Sequence[Stage]:  # pragma: no cover - interface
+        """Return the stages, layers strictly increasing, for a decoder with ``num_layers`` layers."""
+        raise NotImplementedError
+
+
+class ModelAdapter(_Plugin):
+    """Tells the engine where things are in one family of Hugging Face models.
+
+    Adapters stay thin: the engine does all the model surgery. ``model_classes`` lists the class names
+    handled (subclasses match too).
+    """
+
+    model_classes: ClassVar[tuple[str, ...]] = ()
+
+    def vision_token_ids(self, model) -> list[int]:
+        """Placeholder token ids that mark vision tokens in ``input_ids`` (image and video)."""
+        cfg = model.config
+        ids = []
+        for attr in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+            value = getattr(cfg, attr, None)
+            if isinstance(value, int) and value not in ids:
+                ids.append(value)
+        return ids
+
+    def language_model(self, model) -> torch.nn.Module:
+        """The text decoder module, whose ``.layers`` are hooked."""
+        return model.get_decoder()
+
+    def vision_groups(self, vision_mask: torch.Tensor, call_kwargs: dict[str, Any]) -> torch.Tensor:
+        """``(B, S)`` long: image/frame number of every vision token, ``-1`` elsewhere.
+
+        Default: each contiguous run of vision tokens is one group.
+        """
+        starts = vision_mask & ~torch.nn.functional.pad(vision_mask, (1, 0))[:, :-1]
+        groups = torch.cumsum(starts.long(), dim=1) - 1
+        return torch.where(vision_mask, groups, torch.full_like(groups, -1))
+
+    def install(self, model, engine) -> Optional[Callable[[], None]]:
+        """Install family-specific patches (e.g. Qwen3-VL deepstack); return a function that undoes them."""
+        return None

@@ -1,0 +1,1 @@
+"""Built-in model adapter plugins, one module per model family group."""

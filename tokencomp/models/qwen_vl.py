@@ -1,0 +1,102 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+
+M-RoPE needs nothing special: the text model folds the three position axes into ``(B, L, d)``
+rotary tables before the layers, and the engine gathers those. Video is split into per-frame
+groups (from ``video_grid_thw``) so quota selectors can budget frames. Qwen3-VL adds *deepstack*:
+after its first decoder layers, vision features are added at ``visual_pos_masks``; once tokens
+were dropped, the mask and the feature rows must be restricted to the kept tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import tokencomp
+from tokencomp.interfaces import ModelAdapter
+from tokencomp.masks import gather_seq
+
+
+class QwenVLAdapter(ModelAdapter):
+    """Qwen2-VL and Qwen2.5-VL."""
+
+    name = "qwen2_vl"
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+
+    def vision_groups(self, vision_mask, call_kwargs):
+        groups = super().vision_groups(vision_mask, call_kwargs)
+        grid = call_kwargs.get("video_grid_thw")
+        input_ids = call_kwargs.get("input_ids")
+        video_id = getattr(self, "_video_id", None)
+        if grid is None or input_ids is None or video_id is None:
+            return groups
+        # Split each video run into frames of h*w/merge^2 tokens (temporal patches), in order.
+        merge = getattr(self, "_merge", 2)
+        frame_sizes = [int(h * w) // (merge * merge) for t, h, w in grid.tolist() for _ in range(int(t))]
+        frames = iter(frame_sizes)
+        out = groups.clone()
+        for b in range(vision_mask.shape[0]):
+            g, pos, row = 0, 0, input_ids[b]
+            L = row.shape[0]
+            while pos < L:
+                if not bool(vision_mask[b, pos]):
+                    pos += 1
+                    continue
+                end = pos
+                while end < L and bool(vision_mask[b, end]):
+                    end += 1
+                if int(row[pos]) == video_id:
+                    p = pos
+                    while p < end:
+                        size = next(frames, end - p)
+                        out[b, p : p + size] = g
+                        g, p = g + 1, p + size
+                else:
+                    out[b, pos:end] = g
+                    g += 1
+                pos = end
+        return out
+
+    def install(self, model, engine):
+        cfg = model.config
+        self._video_id = getattr(cfg, "video_token_id", None)
+        self._merge = getattr(getattr(cfg, "vision_config", None), "spatial_merge_size", 2)
+        return None
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL: Qwen-VL plus deepstack feature injection restricted to the kept vision tokens."""
+
+    name = "qwen3_vl"
+    model_classes = ("Qwen3VLForConditionalGeneration",)
+
+    def install(self, model, engine):
+        super().install(model, engine)
+        decoder = engine.decoder
+        original = decoder._deepstack_process  # bound method of the class
+
+        def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
+            state = engine.current()
+            if state is None or state.mode != "prune" or state.idx is None:
+                return original(hidden_states, visual_pos_masks, visual_embeds)
+            full = visual_pos_masks.to(torch.bool)
+            # Row of each vision token in visual_embeds: its rank among vision tokens, row-major.
+            rank = (torch.cumsum(full.flatten().long(), 0) - 1).view_as(full)
+            idx = state.idx.to(full.device)
+            kept = gather_seq(full, idx, 1) & state.alive.to(full.device)
+            rows = gather_seq(rank, idx, 1)[kept]
+            return original(hidden_states, kept, visual_embeds[rows.to(visual_embeds.device)])
+
+        # An instance attribute shadows the class method; deleting it restores the model exactly.
+        decoder._deepstack_process = deepstack_process
+
+        def undo():
+            if decoder.__dict__.get("_deepstack_process") is deepstack_process:
+                del decoder._deepstack_process
+
+        return undo
+
+
+@tokencomp.hookimpl
+def register_model_adapters(register):
+    register(QwenVLAdapter)
+    register(Qwen3VLAdapter)

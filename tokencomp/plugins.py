@@ -1,0 +1,269 @@
+"""The plugin manager and the registry of scorers, selectors, schedules and model adapters.
+
+Built-in plugins (``BUILTIN_PLUGINS``) are registered by module path through the same hooks a third
+party uses; third-party plugins are found through the ``tokencomp`` entry-point group, loaded lazily
+once. Set ``TOKENCOMP_DISABLE_PLUGIN_AUTOLOAD=1`` to skip entry points (tests, debugging) or
+``TOKENCOMP_LOAD_PLUGINS=name1,name2`` to load only those entry points.
+
+A plugin that fails to import or raises while registering does not take the others down: the
+failure is kept as a :class:`PluginError` naming the plugin and its distribution
+(``registry().errors``), and using a name it would have provided says so.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .interfaces import ModelAdapter, Schedule, Scorer, Selector
+
+BUILTIN_PLUGINS = (
+    "tokencomp.scorers.v2drop",
+    "tokencomp.scorers.fastv",
+    "tokencomp.scorers.pdrop",
+    "tokencomp.scorers.sparsevlm",
+    "tokencomp.scorers.baselines",
+    "tokencomp.selectors.topk",
+    "tokencomp.selectors.quota",
+    "tokencomp.schedules.explicit",
+    "tokencomp.schedules.depth_scaled",
+    "tokencomp.schedules.budget",
+    "tokencomp.models.llava",
+    "tokencomp.models.qwen_vl",
+)
+"""Module paths of the plugins that ship with tokencomp."""
+
+KINDS: dict[str, tuple[str, type]] = {
+    "scorer": ("register_scorers", Scorer),
+    "selector": ("register_selectors", Selector),
+    "schedule": ("register_schedules", Schedule),
+    "model_adapter": ("register_model_adapters", ModelAdapter),
+}
+"""Plugin kinds: hook name and base class of each."""
+
+pm = pluggy.PluginManager(hookspecs.PROJECT)
+pm.add_hookspecs(hookspecs)
+
+_lock = threading.RLock()
+_loaded = False
+_load_errors: list[PluginError] = []
+_distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
+_registry: Optional["Registry"] = None
+
+
+@dataclass
+class Entry:
+    """One registered class and where it came from."""
+
+    kind: str
+    name: str
+    cls: type
+    plugin: str
+    distribution: str
+    version: str
+
+    def as_dict(self) -> dict[str, str]:
+        """JSON-friendly summary (used by ``tokencomp plugins --json``)."""
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "plugin": self.plugin,
+            "distribution": self.distribution,
+            "version": self.version,
+            "summary": self.cls.summary(),
+        }
+
+
+@dataclass
+class Registry:
+    """Every registered class by kind and name, plus the errors met while building it."""
+
+    entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KINDS})
+    errors: list[PluginError] = field(default_factory=list)
+    clashes: dict[tuple[str, str], PluginError] = field(default_factory=dict)
+
+    def names(self, kind: str) -> list[str]:
+        """Registered names of one kind, sorted."""
+        return sorted(self.entries[kind])
+
+    def get(self, kind: str, name: str) -> type:
+        """The class registered as ``name``; :class:`PluginError` with suggestions if there is none."""
+        if (kind, name) in self.clashes:
+            raise self.clashes[(kind, name)]
+        try:
+            return self.entries[kind][name].cls
+        except KeyError:
+            raise PluginError(self.unknown_message(kind, name)) from None
+
+    def unknown_message(self, kind: str, name: str) -> str:
+        """Message for an unknown name: close matches, the allowed names and any broken plugins."""
+        names = self.names(kind)
+        msg = f"unknown {kind.replace('_', ' ')} {name!r}"
+        close = difflib.get_close_matches(str(name), names, n=1)
+        if close:
+            msg += f" (did you mean {close[0]!r}?)"
+        msg += f"; registered: {', '.join(names) or 'none'}"
+        if self.errors:
+            msg += "; note: " + "; ".join(str(e) for e in self.errors)
+        return msg
+
+    def adapter_for(self, model) -> ModelAdapter:
+        """Instantiate the model adapter whose ``model_classes`` match ``type(model)`` or a base class."""
+        mro = [c.__name__ for c in type(model).__mro__]
+        for cname in mro:
+            for entry in self.entries["model_adapter"].values():
+                if cname in entry.cls.model_classes:
+                    return entry.cls()
+        from .errors import UnsupportedModelError
+
+        supported = sorted(c for e in self.entries["model_adapter"].values() for c in e.cls.model_classes)
+        raise UnsupportedModelError(
+            f"no tokencomp model adapter for {type(model).__name__}; supported classes: "
+            f"{', '.join(supported)}. To add one, write a ModelAdapter subclass and register it with a "
+            "`register_model_adapters` hook in a plugin (see plugins/ in the tokencomp repository)."
+        )
+
+
+def _dist_of(plugin_name: str) -> tuple[str, str]:
+    if plugin_name in _distributions:
+        return _distributions[plugin_name]
+    if plugin_name.startswith("tokencomp."):
+        return ("tokencomp", _own_version())
+    return ("(in-process)", "")
+
+
+def _own_version() -> str:
+    try:
+        return importlib.metadata.version("tokencomp")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _load_entrypoints() -> None:
+    if os.environ.get("TOKENCOMP_DISABLE_PLUGIN_AUTOLOAD"):
+        return
+    only = os.environ.get("TOKENCOMP_LOAD_PLUGINS")
+    wanted = None if only is None else {n.strip() for n in only.split(",") if n.strip()}
+    for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+        if wanted is not None and ep.name not in wanted:
+            continue
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        dist = getattr(ep, "dist", None)
+        dist_name = dist.metadata["Name"] if dist is not None else "?"
+        dist_version = dist.version if dist is not None else "?"
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as exc:  # a broken plugin must not take the others down
+            _load_errors.append(
+                PluginError(
+                    f"plugin {ep.name!r} (distribution {dist_name} {dist_version}) failed to load: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+            )
+            continue
+        _distributions[ep.name] = (dist_name, dist_version)
+
+
+def load_plugins() -> None:
+    """Register the built-in plugins and, unless disabled, the entry-point plugins (once)."""
+    global _loaded
+    with _lock:
+        if _loaded:
+            return
+        _loaded = True
+        for modname in BUILTIN_PLUGINS:
+            if pm.get_plugin(modname) is None:
+                pm.register(importlib.import_module(modname), name=modname)
+        _load_entrypoints()
+
+
+def register(plugin: Any, name: Optional[str] = None, *, distribution: Optional[tuple[str, str]] = None) -> str:
+    """Register an in-process plugin object or module; returns the name it was registered under."""
+    load_plugins()
+    with _lock:
+        registered = pm.register(plugin, name=name)
+        if distribution is not None:
+            _distributions[registered] = distribution
+        invalidate()
+        return registered
+
+
+def unregister(name: str) -> None:
+    """Unregister an in-process plugin registered with :func:`register`."""
+    with _lock:
+        pm.unregister(name=name)
+        _distributions.pop(name, None)
+        invalidate()
+
+
+def invalidate() -> None:
+    """Forget the cached registry (it is rebuilt from the plugin manager on next use)."""
+    global _registry
+    _registry = None
+
+
+def reload_entrypoints() -> None:
+    """Load entry points again, e.g. after installing a plugin distribution in this process."""
+    with _lock:
+        load_plugins()
+        _load_entrypoints()
+        invalidate()
+
+
+def registry() -> Registry:
+    """The registry of every plugin class, built on first use."""
+    global _registry
+    load_plugins()
+    with _lock:
+        if _registry is None:
+            _registry = _build()
+        return _registry
+
+
+def _build() -> Registry:
+    reg = Registry(errors=list(_load_errors))
+    for kind, (hook_name, base) in KINDS.items():
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            dist, version = _dist_of(impl.plugin_name)
+
+            def add(cls, *, _kind=kind, _base=base, _impl=impl, _dist=dist, _version=version):
+                if not (isinstance(cls, type) and issubclass(cls, _base)):
+                    raise PluginError(f"registered {cls!r}, which is not a subclass of {_base.__name__}")
+                if not isinstance(cls.name, str) or not cls.name:
+                    raise PluginError(f"{cls.__qualname__} has no `name`")
+                entry = Entry(_kind, cls.name, cls, _impl.plugin_name, _dist, _version)
+                other = reg.entries[_kind].get(cls.name)
+                if other is not None and other.cls is not cls:
+                    err = PluginError(
+                        f"{_kind.replace('_', ' ')} name {cls.name!r} is registered twice: by plugin "
+                        f"{other.plugin!r} ({other.distribution} {other.version}) and by plugin "
+                        f"{entry.plugin!r} ({entry.distribution} {entry.version})"
+                    )
+                    reg.clashes[(_kind, cls.name)] = err
+                    reg.errors.append(err)
+                    return
+                reg.entries[_kind][cls.name] = entry
+
+            try:
+                impl.function(register=add)
+            except Exception as exc:
+                reg.errors.append(
+                    PluginError(
+                        f"plugin {impl.plugin_name!r} (distribution {dist} {version}) raised in {hook_name}: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
+                )
+    for kind, name in reg.clashes:
+        reg.entries[kind].pop(name, None)
+    return reg

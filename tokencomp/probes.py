@@ -1,0 +1,59 @@
+"""Attention rows for a few query tokens, computed from a layer's own projections.
+
+Attention-based scorers (FastV, PDrop, SparseVLM) need ``softmax(q_i · Kᵀ · scale + mask)`` for a
+handful of query rows only. Computing those rows from the layer's q/k projections (after its q/k
+norm and RoPE, grouped over GQA heads without repeating K) costs ``O(B·H·Q·S·d)`` and never builds
+the ``S × S`` matrix, so the forward pass itself keeps running on SDPA or FlashAttention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of the last dim (the RoPE convention of Llama / Qwen in transformers)."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def attention_rows(
+    attn: torch.nn.Module,
+    q_proj_rows: torch.Tensor,
+    k_proj_out: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    query_index: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Head-averaged attention probabilities ``(B, Q, S)`` of the query rows ``query_index``.
+
+    ``q_proj_rows`` (B, Q, H·d) and ``k_proj_out`` (B, S, Hkv·d) are the outputs of ``attn.q_proj``
+    and ``attn.k_proj``; ``cos``/``sin`` (B|1, S, d) are the layer's rotary tables; ``query_index``
+    (B, Q) the rows' positions in the sequence (``-1``: padding row, returned as zeros);
+    ``key_valid`` (B, S) the keys any query may see (real, live tokens). The mask is causal.
+    """
+    B, Q = query_index.shape
+    S = k_proj_out.shape[1]
+    d = getattr(attn, "head_dim", None) or cos.shape[-1]
+    q = q_proj_rows.view(B, Q, -1, d)
+    k = k_proj_out.view(B, S, -1, d)
+    # Qwen3-style per-head q/k norm happens before RoPE, as in the attention module itself.
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
+    rows = query_index.clamp(min=0)
+    cq = cos.gather(1, rows[..., None].expand(-1, -1, cos.shape[-1]))[:, :, None]
+    sq = sin.gather(1, rows[..., None].expand(-1, -1, sin.shape[-1]))[:, :, None]
+    q = q * cq + rotate_half(q) * sq
+    k = k * cos[:, :, None] + rotate_half(k) * sin[:, :, None]
+    H, Hkv = q.shape[2], k.shape[2]
+    q = q.view(B, Q, Hkv, H // Hkv, d)
+    scale = getattr(attn, "scaling", d**-0.5)
+    logits = torch.einsum("bqngd,bsnd->bngqs", q.float(), k.float()) * scale
+    allowed = (torch.arange(S, device=rows.device)[None, None, :] <= rows[..., None]) & key_valid[:, None, :]
+    logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).mean(dim=(1, 2))
+    return torch.where((query_index >= 0)[..., None], probs, torch.zeros_like(probs))

@@ -1,0 +1,439 @@
+"""YAML recipes: load, validate against the registered plugins, and resolve to stages.
+
+Every problem raises :class:`tokencomp.RecipeError` whose message starts with ``file:line:``.
+Minimal recipe::
+
+    scorer: v2drop            # a plugin name, or {name: v2drop, <params>}
+    selector: topk            # optional; default topk
+    schedule:                 # explicit stages, or a named schedule plugin with params
+      stages:
+        - {layer: 3, keep: 0.5}
+        - {layer: 17, keep: 0.3}
+        - {layer: 22, keep: 0.0}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import PluginError, RecipeError
+from .interfaces import Schedule, Scorer, Selector, Stage
+from .plugins import registry
+
+DEFAULT_SCORER = "v2drop"
+DEFAULT_SELECTOR = "topk"
+DEFAULT_SCHEDULE = "explicit"
+TOP_KEYS = ("name", "description", "scorer", "selector", "schedule")
+STAGE_KEYS = ("layer", "keep", "scorer", "selector")
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML with line numbers
+# --------------------------------------------------------------------------------------------------
+
+
+class LMap(dict):
+    """A mapping that remembers the line of each key (``.lines``) and its own (``.line``)."""
+
+    line: Optional[int] = None
+    lines: dict
+
+
+class LList(list):
+    """A list that remembers the line of each item (``.lines``) and its own (``.line``)."""
+
+    line: Optional[int] = None
+    lines: list
+
+
+def _line_of(node) -> int:
+    return node.start_mark.line + 1
+
+
+def _convert(node, source: str, constructor):
+    if isinstance(node, yaml.MappingNode):
+        out = LMap()
+        out.line, out.lines = _line_of(node), {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise RecipeError("mapping keys must be plain names", source=source, line=_line_of(key_node))
+            key = constructor.construct_object(key_node)
+            if key in out:
+                raise RecipeError(
+                    f"duplicate key {key!r} (first at line {out.lines[key]})", source=source, line=_line_of(key_node)
+                )
+            out[key] = _convert(value_node, source, constructor)
+            out.lines[key] = _line_of(key_node)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        out = LList(_convert(n, source, constructor) for n in node.value)
+        out.line, out.lines = _line_of(node), [_line_of(n) for n in node.value]
+        return out
+    return constructor.construct_object(node)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse one YAML document keeping line numbers; duplicate keys and syntax errors are RecipeErrors."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        raise RecipeError(f"YAML syntax error: {exc.problem or exc}", source=source, line=line) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"YAML error: {exc}", source=source, line=1) from None
+    if node is None:
+        raise RecipeError("the recipe is empty; it needs at least a `schedule`", source=source, line=1)
+    try:
+        return _convert(node, source, yaml.SafeLoader(""))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise RecipeError(f"YAML error: {exc}", source=source, line=(mark.line + 1) if mark else 1) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter validation against plugin dataclass fields
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return f"a list of {_type_name(args[0]) if args else 'values'}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+def coerce(value: Any, hint: Any, what: str, source: str, line: Optional[int]) -> Any:
+    """Check ``value`` against the type hint ``hint``; return it converted (lists to tuples, ints to floats)."""
+    origin = typing.get_origin(hint)
+
+    def bad():
+        return RecipeError(f"{what} must be {_type_name(hint)}, got {value!r}", source=source, line=line)
+
+    if hint is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(hint) and type(value) in {type(a) for a in typing.get_args(hint)}:
+            return value
+        raise bad()
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return coerce(value, arg, what, source, line)
+            except RecipeError:
+                continue
+        raise bad()
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            raise bad()
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis] or [Any]
+        lines = getattr(value, "lines", [line] * len(value))
+        items = [coerce(v, args[0], f"{what}[{i}]", source, lines[i]) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if hint is type(None):
+        if value is None:
+            return None
+        raise bad()
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise bad()
+            return float(value)
+        raise bad()
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    raise bad()
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _recipe_key(field: dataclasses.Field) -> str:
+    return field.metadata.get("recipe_key", field.name)
+
+
+def build_plugin(kind: str, spec: Any, source: str, line: Optional[int], *, reserved: tuple[str, ...] = ()):
+    """Instantiate the ``kind`` plugin described by ``spec``: a name or ``{name: ..., <params>}``."""
+    if isinstance(spec, str):
+        name, params, lines = spec, {}, {}
+    elif isinstance(spec, dict):
+        if "name" not in spec:
+            raise RecipeError(f"{kind} needs a `name` (registered: {', '.join(registry().names(kind))})", source=source, line=getattr(spec, "line", line))
+        name = spec["name"]
+        params = {k: v for k, v in spec.items() if k != "name"}
+        lines = getattr(spec, "lines", {})
+        line = lines.get("name", line)
+    else:
+        raise RecipeError(
+            f"{kind} must be a plugin name or a mapping {{name: ..., <params>}}, got {spec!r}", source=source, line=line
+        )
+    if not isinstance(name, str):
+        raise RecipeError(f"{kind} name must be a string, got {name!r}", source=source, line=line)
+    try:
+        cls = registry().get(kind, name)
+    except PluginError as exc:
+        raise RecipeError(str(exc), source=source, line=line) from None
+    fields = {_recipe_key(f): f for f in cls.params().values()}
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in params.items():
+        where = lines.get(key, line)
+        if key not in fields or key in reserved:
+            allowed = ", ".join(k for k in fields if k not in reserved) or "none"
+            raise RecipeError(f"unknown parameter {key!r} for {kind} {name!r}; allowed: {allowed}", source=source, line=where)
+        f = fields[key]
+        kwargs[f.name] = coerce(value, hints[f.name], f"{kind} {name!r} parameter {key!r}", source, where)
+    return cls, kwargs, line
+
+
+def _instantiate(cls, kwargs, kind, source, line):
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"invalid {kind} {cls.name!r}: {exc}", source=source, line=line) from None
+
+
+def make_plugin(kind: str, spec: Any, source: str, line: Optional[int]):
+    """Validated plugin instance for a recipe ``scorer:`` / ``selector:`` / ``schedule:`` value."""
+    cls, kwargs, line = build_plugin(kind, spec, source, line)
+    return _instantiate(cls, kwargs, kind, source, line)
+
+
+def _check_keep(keep: Any, source: str, line: Optional[int]) -> float:
+    keep = coerce(keep, float, "keep", source, line)
+    if not 0.0 <= keep <= 1.0:
+        raise RecipeError(f"keep must be in [0, 1] (the fraction of vision tokens kept), got {keep}", source=source, line=line)
+    return keep
+
+
+def _check_layer(layer: Any, source: str, line: Optional[int]) -> int:
+    layer = coerce(layer, int, "layer", source, line)
+    if layer < 1:
+        raise RecipeError(
+            f"layer must be >= 1, got {layer}: layer 0 is never a drop layer, because the cache length, mask "
+            "sizes and generation positions are read from layer 0, and scorers need at least one layer to look at",
+            source=source,
+            line=line,
+        )
+    return layer
+
+
+def _parse_stages(value: Any, source: str, line: Optional[int]) -> tuple[Stage, ...]:
+    if not isinstance(value, list) or not value:
+        raise RecipeError("schedule.stages must be a non-empty list of {layer, keep} mappings", source=source, line=line)
+    stages, prev = [], None
+    for i, item in enumerate(value):
+        sline = value.lines[i] if isinstance(value, LList) else line
+        if not isinstance(item, dict):
+            raise RecipeError(f"stage {i} must be a mapping like {{layer: 3, keep: 0.5}}, got {item!r}", source=source, line=sline)
+        ilines = getattr(item, "lines", {})
+        for key in item:
+            if key not in STAGE_KEYS:
+                raise RecipeError(f"unknown stage key {key!r}; allowed: {', '.join(STAGE_KEYS)}", source=source, line=ilines.get(key, sline))
+        for key in ("layer", "keep"):
+            if key not in item:
+                raise RecipeError(f"stage {i} is missing {key!r}", source=source, line=sline)
+        layer = _check_layer(item["layer"], source, ilines.get("layer", sline))
+        if prev is not None and layer <= prev:
+            raise RecipeError(f"stage layers must be strictly increasing: {layer} follows {prev}", source=source, line=ilines.get("layer", sline))
+        prev = layer
+        keep = _check_keep(item["keep"], source, ilines.get("keep", sline))
+        scorer = make_plugin("scorer", item["scorer"], source, ilines.get("scorer")) if "scorer" in item else None
+        selector = make_plugin("selector", item["selector"], source, ilines.get("selector")) if "selector" in item else None
+        stages.append(Stage(layer, keep, scorer, selector, line=sline))
+    return tuple(stages)
+
+
+def _make_schedule(spec: Any, source: str, line: Optional[int]) -> Schedule:
+    # `stages` is only valid in the explicit form, which _from_tree parses itself.
+    cls, kwargs, nline = build_plugin("schedule", spec, source, line, reserved=("stages",))
+    return _instantiate(cls, kwargs, "schedule", source, nline)
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe: default scorer and selector, and a schedule of stages.
+
+    Use :func:`load_recipe` to build one. :meth:`stages` resolves the schedule for a decoder depth.
+    """
+
+    scorer: Scorer
+    selector: Selector
+    schedule: Schedule
+    source: str = "<string>"
+    name: Optional[str] = None
+    description: Optional[str] = None
+    line: Optional[int] = dataclasses.field(default=None, compare=False)
+
+    def stages(self, num_layers: int) -> list[Stage]:
+        """Stages for a decoder with ``num_layers`` layers, defaults filled in.
+
+        Raises :class:`RecipeError` naming the depth when a layer does not exist in the model.
+        """
+        out, prev = [], 0
+        for st in self.schedule.stages(num_layers):
+            line = st.line if st.line is not None else self.line
+            if st.layer >= num_layers:
+                raise RecipeError(
+                    f"stage layer {st.layer} does not exist: the model's decoder has {num_layers} layers (0..{num_layers - 1})",
+                    source=self.source,
+                    line=line,
+                )
+            if st.layer < 1 or st.layer <= prev:
+                raise RecipeError(f"schedule gave layers that are not strictly increasing from 1: {st.layer}", source=self.source, line=line)
+            if not 0.0 <= st.keep <= 1.0:
+                raise RecipeError(f"schedule gave keep {st.keep} outside [0, 1]", source=self.source, line=line)
+            prev = st.layer
+            out.append(dataclasses.replace(st, scorer=st.scorer or self.scorer, selector=st.selector or self.selector))
+        return out
+
+    def describe(self, num_layers: int) -> str:
+        """One line per stage, for logs and the CLI."""
+        return "\n".join(
+            f"layer {s.layer:>3}: keep {s.keep:.4g} of the vision tokens, scorer {s.scorer.name}, selector {s.selector.name}"
+            for s in self.stages(num_layers)
+        )
+
+
+def _from_tree(tree: Any, source: str) -> Recipe:
+    if not isinstance(tree, dict):
+        raise RecipeError(f"a recipe must be a mapping with keys {', '.join(TOP_KEYS)}; got {type(tree).__name__}", source=source, line=getattr(tree, "line", 1))
+    lines = getattr(tree, "lines", {})
+    for key in tree:
+        if key not in TOP_KEYS:
+            raise RecipeError(f"unknown key {key!r}; allowed: {', '.join(TOP_KEYS)}", source=source, line=lines.get(key, 1))
+    if "schedule" not in tree:
+        raise RecipeError("the recipe has no `schedule` (explicit `stages:` or a named schedule)", source=source, line=getattr(tree, "line", 1))
+    for key in ("name", "description"):
+        if key in tree and not isinstance(tree[key], str):
+            raise RecipeError(f"{key} must be a string", source=source, line=lines.get(key, 1))
+    scorer = make_plugin("scorer", tree.get("scorer", DEFAULT_SCORER), source, lines.get("scorer", 1))
+    selector = make_plugin("selector", tree.get("selector", DEFAULT_SELECTOR), source, lines.get("selector", 1))
+    sched_spec, sline = tree["schedule"], lines.get("schedule", 1)
+    if isinstance(sched_spec, dict) and "stages" in sched_spec:
+        extra = [k for k in sched_spec if k not in ("stages", "name")]
+        if sched_spec.get("name", DEFAULT_SCHEDULE) != DEFAULT_SCHEDULE or extra:
+            bad = extra[0] if extra else "name"
+            raise RecipeError(
+                f"`stages:` lists explicit stages and takes no other key (got {bad!r}); use a named schedule instead",
+                source=source,
+                line=getattr(sched_spec, "lines", {}).get(bad, sline),
+            )
+        stages = _parse_stages(sched_spec["stages"], source, getattr(sched_spec, "lines", {}).get("stages", sline))
+        cls = registry().get("schedule", DEFAULT_SCHEDULE)
+        schedule = cls(stages_=stages)
+    else:
+        schedule = _make_schedule(sched_spec, source, sline)
+    return Recipe(scorer, selector, schedule, source, tree.get("name"), tree.get("description"), line=sline)
+
+
+def _annotate(obj: Any) -> Any:
+    """Wrap plain dicts/lists (from a Python dict recipe) so they behave like parsed YAML."""
+    if isinstance(obj, dict) and not isinstance(obj, LMap):
+        out = LMap((k, _annotate(v)) for k, v in obj.items())
+        out.line, out.lines = None, {}
+        return out
+    if isinstance(obj, list) and not isinstance(obj, LList):
+        out = LList(_annotate(v) for v in obj)
+        out.line, out.lines = None, [None] * len(out)
+        return out
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# Shipped recipes
+# --------------------------------------------------------------------------------------------------
+
+
+def shipped_root():
+    """Folder of the recipes shipped with tokencomp (the repository's ``schedules/``)."""
+    return importlib.resources.files("tokencomp.recipes")
+
+
+def shipped_recipes() -> dict[str, Any]:
+    """Shipped recipe names (``family/name`` without ``.yaml``) mapped to their files."""
+    out = {}
+
+    def walk(node, prefix):
+        for child in node.iterdir():
+            if child.is_dir():
+                walk(child, f"{prefix}{child.name}/")
+            elif child.name.endswith((".yaml", ".yml")):
+                out[prefix + child.name.rsplit(".", 1)[0]] = child
+
+    walk(shipped_root(), "")
+    return dict(sorted(out.items()))
+
+
+def load_recipe(recipe: Union[str, os.PathLike, dict, "Recipe"]) -> Recipe:
+    """Load and validate a recipe from a path, a shipped recipe name, YAML text or a dict.
+
+    Raises :class:`RecipeError` (message ``file:line: what is wrong and what is allowed``).
+    """
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return _from_tree(_annotate(recipe), "<dict>")
+    if isinstance(recipe, os.PathLike):
+        return _load_file(Path(recipe))
+    if not isinstance(recipe, str):
+        raise RecipeError(f"a recipe is a path, a shipped name, YAML text or a dict; got {type(recipe).__name__}")
+    text = recipe
+    if "\n" not in text and ":" not in text:
+        if os.path.isfile(text):
+            return _load_file(Path(text))
+        shipped = shipped_recipes()
+        key = text[:-5] if text.endswith(".yaml") else text
+        if key in shipped:
+            res = shipped[key]
+            return _from_tree(parse_yaml(res.read_text(encoding="utf-8"), f"{key}.yaml"), f"{key}.yaml")
+        import difflib
+
+        close = difflib.get_close_matches(key, list(shipped), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"{text!r} is neither a file nor a shipped recipe{hint}; `tokencomp recipes` lists them", source=text, line=1)
+    if "\n" not in text and os.path.isfile(text):
+        return _load_file(Path(text))
+    return _from_tree(parse_yaml(text, "<string>"), "<string>")
+
+
+def _load_file(path: Path) -> Recipe:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe: {exc.strerror}", source=str(path), line=1) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe is not UTF-8 text: {exc}", source=str(path), line=1) from None
+    return _from_tree(parse_yaml(text, str(path)), str(path))

@@ -1,0 +1,68 @@
+"""Budget solver: "retain N vision tokens on average over the decoder layers" → per-stage keep ratios.
+
+This is what the papers mean by 192/128/64 tokens for progressive methods: ``N̄ = (1/L) Σ_l n_l``.
+The solver puts the stages at depth fractions and finds one keep ratio ``r`` shared by every stage
+but the last (whose keep is ``final``, 0 by default), by bisection: ``N̄`` grows with ``r``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tokencomp
+from tokencomp.accounting import average_tokens
+from tokencomp.interfaces import Schedule, Stage
+from tokencomp.schedules.depth_scaled import scale_layers
+
+
+def solve_keep(target: float, layers: list[int], num_layers: int, n: int, final: float = 0.0) -> float:
+    """Shared keep ratio ``r`` (stages ``[r, …, r, final]``) whose average token count is closest to
+    ``target`` from below or equal; 1.0 if even ``r = 1`` cannot reach it."""
+
+    def avg(r: float) -> float:
+        keeps = [r] * (len(layers) - 1) + [final]
+        return average_tokens([Stage(layer, k) for layer, k in zip(layers, keeps)], num_layers, n)
+
+    if avg(1.0) <= target:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if avg(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass(frozen=True)
+class BudgetSchedule(Schedule):
+    """Stages at depth fractions with keep ratios solved so N vision tokens remain on average."""
+
+    name = "budget"
+
+    tokens: float = 192.0
+    """Target average vision tokens per decoder layer."""
+    vision_tokens: int = 576
+    """Vision tokens the budget refers to (576 for a LLaVA-1.5 image)."""
+    depth: tuple[float, ...] = (3 / 32, 17 / 32, 22 / 32)
+    """Drop layers as depth fractions (V²Drop's 3/17/22 of 32 by default)."""
+    final: float = 0.0
+    """Keep ratio of the last stage (0 drops every remaining vision token)."""
+
+    def __post_init__(self):
+        if not 0 <= self.tokens <= self.vision_tokens:
+            raise ValueError(f"tokens must be between 0 and vision_tokens ({self.vision_tokens}), got {self.tokens}")
+        if not 0 <= self.final <= 1:
+            raise ValueError(f"final must be in [0, 1], got {self.final}")
+
+    def stages(self, num_layers: int):
+        layers = scale_layers(self.depth, num_layers)
+        r = solve_keep(self.tokens, layers, num_layers, self.vision_tokens, self.final)
+        keeps = [r] * (len(layers) - 1) + [self.final]
+        return [Stage(layer, k) for layer, k in zip(layers, keeps)]
+
+
+@tokencomp.hookimpl
+def register_schedules(register):
+    register(BudgetSchedule)

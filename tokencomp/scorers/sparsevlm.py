@@ -1,0 +1,61 @@
+"""SparseVLM-style text raters (ICML 2025): text tokens most related to the image (by embedding
+similarity) rate the vision tokens with their averaged attention rows at the previous layer.
+
+Raters: ``M = softmax_text(V · Tᵀ)`` on the input embeddings, averaged over vision tokens; text
+tokens whose score is above the mean are raters. Recycling (token merging) is not included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import tokencomp
+from tokencomp.interfaces import LayerView, Scorer
+
+
+@dataclass(frozen=True)
+class SparseVLMScorer(Scorer):
+    """Attention from relevant text "rater" tokens at the previous layer (SparseVLM)."""
+
+    name = "sparsevlm"
+    attention = "previous"
+    needs_embeddings = True
+
+    max_raters: int = 64
+    """At most this many rater rows per sample (the most relevant ones)."""
+
+    def queries(self, view: LayerView) -> torch.Tensor:
+        emb = view.embeddings.float()
+        vis, txt = view.vision_mask, view.text_mask
+        # Only text after the first vision token is the instruction (the prefix is the system prompt).
+        first_vis = torch.where(vis.any(1), vis.float().argmax(1), torch.zeros_like(view.last_index))
+        after = torch.arange(vis.shape[1], device=vis.device)[None] > first_vis[:, None]
+        txt = txt & after
+        sim = torch.einsum("bvd,btd->bvt", emb, emb)  # (B, S, S), small at rating time only
+        sim = sim.masked_fill(~txt[:, None, :], float("-inf"))
+        probs = torch.softmax(sim, dim=-1).nan_to_num(0.0)
+        m = (probs * vis[:, :, None]).sum(1) / vis.sum(1, keepdim=True).clamp(min=1)  # (B, S) over text
+        mean = (m * txt).sum(1, keepdim=True) / txt.sum(1, keepdim=True).clamp(min=1)
+        is_rater = txt & (m > mean)
+        # Fall back to the last token when nothing qualifies (e.g. a one-word question).
+        none = ~is_rater.any(1)
+        is_rater[none, view.last_index[none]] = True
+        k = min(self.max_raters, int(is_rater.sum(1).max()))
+        top = torch.topk(torch.where(is_rater, m, torch.full_like(m, -1.0)), k, dim=1)
+        return torch.where(top.values >= 0, top.indices, torch.full_like(top.indices, -1))
+
+    def score(self, view: LayerView):
+        att = view.attention  # (B, Q, S); padded rows are zero
+        rows = (att.sum(-1) > 0).sum(1, keepdim=True).clamp(min=1)
+        return att.sum(1) / rows
+
+    def __post_init__(self):
+        if self.max_raters < 1:
+            raise ValueError("max_raters must be at least 1")
+
+
+@tokencomp.hookimpl
+def register_scorers(register):
+    register(SparseVLMScorer)

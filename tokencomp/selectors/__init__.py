@@ -1,0 +1,1 @@
+"""Built-in selector plugins: turn scores and a budget into kept tokens."""
