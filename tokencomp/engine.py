@@ -145,6 +145,9 @@ class Handle:
         self._hooks: list = []
         self._undo: list = []
         self._removed = False
+        self.profile = False
+        """Set True to accumulate the time spent scoring, selecting and gathering in ``overhead_s``."""
+        self.overhead_s = 0.0
 
     # ------------------------------------------------------------------ set-up and removal
 
@@ -278,12 +281,14 @@ class Handle:
         if isinstance(meta, _CacheMeta) and meta.handle_id == id(self) and cache.get_seq_length() > 0:
             return _Forward("decode", cache_meta=meta)
         explicit = self._opt("explicit_mask")
-        if input_ids is not None:
-            is_vision = torch.isin(input_ids, self.vision_ids.to(input_ids.device))
-        elif explicit is not None:
+        embeds = kwargs.get("inputs_embeds")
+        seq_len = embeds.shape[1] if embeds is not None else (input_ids.shape[1] if input_ids is not None else 0)
+        if explicit is not None and explicit.shape[-1] == seq_len:
             is_vision = explicit.to(torch.bool)
+        elif input_ids is not None and input_ids.shape[1] == seq_len and seq_len > 0:
+            is_vision = torch.isin(input_ids, self.vision_ids.to(input_ids.device))
         else:
-            if kwargs.get("inputs_embeds") is not None:
+            if embeds is not None and explicit is None:
                 warnings.warn(
                     "tokencomp: inputs_embeds-only call without a vision mask; nothing is compressed. "
                     "Wrap the call in `with handle.vision_mask(mask):`",
@@ -340,7 +345,12 @@ class Handle:
                 state.embeddings = hidden
         stage = self.stage_at.get(i)
         if stage is not None:
-            hidden = self._drop(state, stage, module, hidden)
+            if self.profile:
+                t0 = _clock(hidden)
+                hidden = self._drop(state, stage, module, hidden)
+                self.overhead_s += _clock(hidden) - t0
+            else:
+                hidden = self._drop(state, stage, module, hidden)
         if state.idx is not None:
             kwargs = dict(kwargs)
             kwargs.update(state.cur)
@@ -499,6 +509,15 @@ class Handle:
         table = torch.stack(per_layer, dim=1).tolist() if per_layer else [[] for _ in range(B)]
         out_pos = state.idx if state.idx is not None else torch.arange(state.length).expand(B, -1)
         self.stats = Stats(table, dict(state.kept), out_pos, state.length)
+
+
+def _clock(tensor: torch.Tensor) -> float:
+    """Wall time after the device has finished queued work (only used when profiling)."""
+    import time
+
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    return time.perf_counter()
 
 
 def _is_dynamic(cache) -> bool:

@@ -639,3 +639,63 @@ def take_sample(inputs: dict, index: int) -> dict:
     elif "pixel_values_videos" in inputs:
         out["pixel_values_videos"] = inputs["pixel_values_videos"][index : index + 1]
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Synthetic models with the decoder shapes of real checkpoints (for benchmarks)
+# ------------------------------------------------------------------------------------------------
+
+SYNTHETIC = {
+    # name: (family, hidden, heads, kv_heads, intermediate, layers, mrope_section)
+    "llava-1.5-7b": ("llava", 4096, 32, 32, 11008, 32, None),
+    "llava-1.5-13b": ("llava", 5120, 40, 40, 13824, 40, None),
+    "llava-next-7b": ("llava_next", 4096, 32, 32, 11008, 32, None),
+    "llava-onevision-7b": ("llava_onevision", 3584, 28, 4, 18944, 28, None),
+    "qwen2-vl-7b": ("qwen2_vl", 3584, 28, 4, 18944, 28, [16, 24, 24]),
+    "qwen2.5-vl-7b": ("qwen2_5_vl", 3584, 28, 4, 18944, 28, [16, 24, 24]),
+}
+"""Decoder shapes of real checkpoints, for random-weight benchmark models (``--synthetic``)."""
+
+
+def parse_synthetic(spec: str) -> tuple[str, dict]:
+    """Parse ``NAME[:key=value,...]`` (keys: layers, hidden, heads, kv_heads, intermediate)."""
+    name, _, rest = spec.partition(":")
+    if name not in SYNTHETIC:
+        raise ValueError(f"unknown synthetic model {name!r}; known: {', '.join(SYNTHETIC)}")
+    family, hidden, heads, kv, inter, layers, _ = SYNTHETIC[name]
+    dims = dict(hidden=hidden, heads=heads, kv_heads=kv, intermediate=inter, layers=layers)
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in dims or not value.isdigit():
+            raise ValueError(f"bad synthetic option {item!r} in {spec!r}; use e.g. {name}:layers=8,hidden=1024")
+        dims[key] = int(value)
+    if dims["hidden"] % dims["heads"] or dims["heads"] % dims["kv_heads"]:
+        raise ValueError(f"{spec}: hidden must divide by heads, and heads by kv_heads")
+    return family, dims
+
+
+def build_synthetic(spec: str, *, attn: str = "sdpa", dtype=torch.float32, seed: int = 0):
+    """A random-weight model of the family of ``spec`` whose text decoder has the real shape.
+
+    The vision tower stays tiny: benchmarks feed ``inputs_embeds`` with an explicit vision mask, so
+    only the language model (the part tokencomp compresses) is measured.
+    """
+    family, dims = parse_synthetic(spec)
+    cfg = tiny_config(family, layers=dims["layers"], attn=attn)
+    text = cfg.get_text_config()
+    text.hidden_size = dims["hidden"]
+    text.num_attention_heads = dims["heads"]
+    text.num_key_value_heads = dims["kv_heads"]
+    text.intermediate_size = dims["intermediate"]
+    text.max_position_embeddings = 32768
+    head_dim = dims["hidden"] // dims["heads"]
+    if hasattr(text, "head_dim"):
+        text.head_dim = head_dim
+    rope = getattr(text, "rope_parameters", None)
+    if isinstance(rope, dict) and "mrope_section" in rope:
+        half = head_dim // 2
+        rope["mrope_section"] = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = _CLASSES[family](cfg).to(dtype).eval()
+    return model

@@ -1,0 +1,61 @@
+"""Analytic cost model of a decoder-only transformer (what a token schedule can save at most).
+
+Per decoder layer processing ``n`` new tokens against ``c`` cached ones (multiply-add = 2 FLOPs):
+
+* projections: ``2·n·D·(H·d) + 2·2·n·D·(Hkv·d) + 2·n·(H·d)·D``  (q, k and v, o)
+* gated MLP:   ``3 · 2·n·D·I``
+* attention:   ``2 · 2·H·d · Σ_{i=1..n} (c + i)``  (QKᵀ and AV, causal: query ``i`` sees ``c + i`` keys)
+
+Embedding, final norm, LM head and the vision tower are left out: they are the same with and
+without compression. KV-cache bytes: ``Σ_l 2·Hkv·d·n_l·bytes_per_element``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The dimensions the cost model needs."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    layers: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "DecoderShape":
+        """Read the shape from a (text) config."""
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(cfg.hidden_size, heads, getattr(cfg, "num_key_value_heads", None) or heads, head_dim, cfg.intermediate_size, cfg.num_hidden_layers)
+
+
+def layer_flops(shape: DecoderShape, new: int, cached: int = 0) -> int:
+    """FLOPs of one layer for ``new`` tokens attending to ``cached`` earlier ones plus themselves."""
+    D, H, Hkv, d, I = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate
+    proj = 2 * new * D * H * d * 2 + 2 * 2 * new * D * Hkv * d
+    mlp = 3 * 2 * new * D * I
+    keys = new * cached + new * (new + 1) // 2
+    attn = 2 * 2 * H * d * keys
+    return proj + mlp + attn
+
+
+def prefill_flops(shape: DecoderShape, tokens_per_layer: Sequence[int]) -> int:
+    """FLOPs of a prefill where layer ``l`` processes ``tokens_per_layer[l]`` tokens."""
+    return sum(layer_flops(shape, n) for n in tokens_per_layer)
+
+
+def decode_flops(shape: DecoderShape, cache_per_layer: Sequence[int], steps: int) -> int:
+    """FLOPs of ``steps`` decode steps after a prefill that left ``cache_per_layer[l]`` tokens cached."""
+    return sum(layer_flops(shape, 1, c + t) for c in cache_per_layer for t in range(steps))
+
+
+def kv_cache_bytes(shape: DecoderShape, cache_per_layer: Sequence[int], bytes_per_element: int) -> int:
+    """Bytes of keys and values held for ``cache_per_layer[l]`` tokens in each layer."""
+    return sum(2 * shape.kv_heads * shape.head_dim * n * bytes_per_element for n in cache_per_layer)
