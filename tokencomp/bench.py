@@ -10,7 +10,6 @@ tower (identical in both) does not dilute the ratios.
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import sys
 import threading
@@ -23,17 +22,44 @@ import torch
 from .flops import DecoderShape, decode_flops, kv_cache_bytes, prefill_flops
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: no sampling, report 0
+def _malloc_in_use() -> int:
+    """Bytes currently allocated through malloc (glibc ``mallinfo2``): what the CPU tensors hold.
+
+    Process RSS cannot tell two variants apart in one process (freed pages are reused, not
+    returned), so on CPU the peak of live heap bytes is sampled instead.
+    """
+    info = _mallinfo()
+    if info is None:
         return 0
+    m = info()
+    return m.uordblks + m.hblkhd
+
+
+def _mallinfo():
+    global _MALLINFO
+    if _MALLINFO is None:
+        import ctypes
+        import ctypes.util
+
+        class Info(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        try:
+            fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+            fn.restype = Info
+            _MALLINFO = fn
+        except (OSError, AttributeError):  # not glibc >= 2.33: memory is reported as 0
+            _MALLINFO = False
+    return _MALLINFO or None
+
+
+_MALLINFO = None
 
 
 class PeakMemory:
     """Peak memory above the starting point during a ``with`` block: CUDA max allocated on GPU,
-    sampled process RSS on CPU."""
+    sampled live malloc bytes on CPU."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -45,7 +71,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
-            self._start = _rss_bytes()
+            self._start = _malloc_in_use()
             self._max = self._start
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -54,8 +80,8 @@ class PeakMemory:
 
     def _sample(self):
         while not self._stop.is_set():
-            self._max = max(self._max, _rss_bytes())
-            self._stop.wait(0.0005)
+            self._max = max(self._max, _malloc_in_use())
+            self._stop.wait(0.0002)
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
@@ -64,7 +90,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self._max, _rss_bytes()) - self._start
+            self.peak = max(self._max, _malloc_in_use()) - self._start
 
 
 def _sync(device):
@@ -124,7 +150,7 @@ def _run(model, handle, embeds, mask, vision, new_tokens, v: Variant, device):
         v.peak_bytes.append(mem.peak)
         if handle is not None:
             v.overhead_s.append(handle.overhead_s)
-        cache = out.past_key_values
+        cache = getattr(out, "cache", None) or out.past_key_values
         v.kv_bytes = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "keys", None) is not None)
         del out, cache
         if new_tokens > 0:
@@ -291,6 +317,8 @@ def format_report(rep: dict[str, Any]) -> str:
             return f"{value / 2**20:.1f} MiB"
         if key.endswith("_flops"):
             return f"{value / 1e9:.2f} G"
+        if key.endswith("_per_s"):
+            return f"{value:.1f}"
         if key.endswith("_s"):
             return f"{value * 1000:.1f} ms"
         return f"{value:.1f}"
