@@ -1,4 +1,4 @@
-"""The ``tokencomp`` command line: ``plugins``, ``recipes``, ``validate`` (and ``demo``, ``run``, ``bench``)."""
+"""The ``tokencomp`` command line: ``plugins``, ``recipes``, ``validate``, ``demo``, ``run``, ``bench``."""
 
 from __future__ import annotations
 
@@ -77,12 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, help="also resolve the stages for a decoder of this depth")
     p.set_defaults(func=_cmd_validate)
 
-    try:
-        from .runner import add_commands
-    except ImportError:  # pragma: no cover - runner not installed yet
-        add_commands = None
-    if add_commands is not None:
-        add_commands(sub)
+    from .runner import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -55,7 +55,7 @@ pm.add_hookspecs(hookspecs)
 
 _lock = threading.RLock()
 _loaded = False
-_load_errors: list[PluginError] = []
+_load_errors: dict[str, PluginError] = {}  # entry-point name -> why it failed to load (latest attempt)
 _distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
 _registry: Optional["Registry"] = None
 
@@ -165,13 +165,12 @@ def _load_entrypoints() -> None:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
         except Exception as exc:  # a broken plugin must not take the others down
-            _load_errors.append(
-                PluginError(
-                    f"plugin {ep.name!r} (distribution {dist_name} {dist_version}) failed to load: "
-                    f"{type(exc).__name__}: {exc}"
-                )
+            _load_errors[ep.name] = PluginError(
+                f"plugin {ep.name!r} (distribution {dist_name} {dist_version}) failed to load: "
+                f"{type(exc).__name__}: {exc}"
             )
             continue
+        _load_errors.pop(ep.name, None)
         _distributions[ep.name] = (dist_name, dist_version)
 
 
@@ -200,10 +199,11 @@ def register(plugin: Any, name: Optional[str] = None, *, distribution: Optional[
 
 
 def unregister(name: str) -> None:
-    """Unregister an in-process plugin registered with :func:`register`."""
+    """Unregister a plugin by name (and forget a load error recorded under that name)."""
     with _lock:
         pm.unregister(name=name)
         _distributions.pop(name, None)
+        _load_errors.pop(name, None)
         invalidate()
 
 
@@ -215,6 +215,7 @@ def invalidate() -> None:
 
 def reload_entrypoints() -> None:
     """Load entry points again, e.g. after installing a plugin distribution in this process."""
+    importlib.invalidate_caches()  # let the import system see packages installed since start-up
     with _lock:
         load_plugins()
         _load_entrypoints()
@@ -232,7 +233,7 @@ def registry() -> Registry:
 
 
 def _build() -> Registry:
-    reg = Registry(errors=list(_load_errors))
+    reg = Registry(errors=list(_load_errors.values()))
     for kind, (hook_name, base) in KINDS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             dist, version = _dist_of(impl.plugin_name)

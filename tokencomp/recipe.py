@@ -59,7 +59,25 @@ def _line_of(node) -> int:
     return node.start_mark.line + 1
 
 
-def _convert(node, source: str, constructor):
+_BUSY = object()
+
+
+def _convert(node, source: str, constructor, memo: Optional[dict] = None, at: Optional[int] = None):
+    # `memo` maps id(node) of collections already converted: an alias reuses the object built for its
+    # anchor (no exponential blow-up), and an alias inside its own anchor is reported, not recursed into.
+    # `at`: line of the key or list holding `node` (an alias node carries its anchor's position).
+    memo = {} if memo is None else memo
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        done = memo.get(id(node))
+        if done is _BUSY:
+            raise RecipeError(
+                f"a YAML alias refers to its own anchor (at line {_line_of(node)}): recursive structures are not allowed",
+                source=source,
+                line=at or _line_of(node),
+            )
+        if done is not None:
+            return done
+        memo[id(node)] = _BUSY
     if isinstance(node, yaml.MappingNode):
         out = LMap()
         out.line, out.lines = _line_of(node), {}
@@ -71,12 +89,14 @@ def _convert(node, source: str, constructor):
                 raise RecipeError(
                     f"duplicate key {key!r} (first at line {out.lines[key]})", source=source, line=_line_of(key_node)
                 )
-            out[key] = _convert(value_node, source, constructor)
+            out[key] = _convert(value_node, source, constructor, memo, _line_of(key_node))
             out.lines[key] = _line_of(key_node)
+        memo[id(node)] = out
         return out
     if isinstance(node, yaml.SequenceNode):
-        out = LList(_convert(n, source, constructor) for n in node.value)
+        out = LList(_convert(n, source, constructor, memo, _line_of(node)) for n in node.value)
         out.line, out.lines = _line_of(node), [_line_of(n) for n in node.value]
+        memo[id(node)] = out
         return out
     return constructor.construct_object(node)
 
@@ -87,10 +107,21 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        raise RecipeError(f"YAML syntax error: {exc.problem or exc}", source=source, line=line) from None
+        # A problem found at the end of the stream (an unclosed bracket or quote) is reported on the
+        # last line of the text, not on the line after it, with where the construct started.
+        last = max(1, len(text.splitlines()))
+        line = min(mark.line + 1, last) if mark is not None else 1
+        msg = f"YAML syntax error: {exc.problem or exc}"
+        if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
+            msg += f" ({exc.context} started at line {exc.context_mark.line + 1})"
+        raise RecipeError(msg, source=source, line=line) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+        line = text.count("\n", 0, max(exc.position, 0)) + 1
+        raise RecipeError(f"YAML error: {exc}", source=source, line=line) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"YAML error: {exc}", source=source, line=1) from None
+    except RecursionError:
+        raise RecipeError(_TOO_DEEP, source=source, line=1) from None
     if node is None:
         raise RecipeError("the recipe is empty; it needs at least a `schedule`", source=source, line=1)
     try:
@@ -98,6 +129,11 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise RecipeError(f"YAML error: {exc}", source=source, line=(mark.line + 1) if mark else 1) from None
+    except RecursionError:
+        raise RecipeError(_TOO_DEEP, source=source, line=1) from None
+
+
+_TOO_DEEP = "the recipe is nested too deeply to be a recipe"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,9 +363,21 @@ class Recipe:
         )
 
 
+def _what(value: Any) -> str:
+    """Kind of a parsed YAML value, in YAML words."""
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "null (nothing)"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
 def _from_tree(tree: Any, source: str) -> Recipe:
     if not isinstance(tree, dict):
-        raise RecipeError(f"a recipe must be a mapping with keys {', '.join(TOP_KEYS)}; got {type(tree).__name__}", source=source, line=getattr(tree, "line", 1))
+        raise RecipeError(f"a recipe must be a mapping with keys {', '.join(TOP_KEYS)}; got {_what(tree)}", source=source, line=getattr(tree, "line", 1))
     lines = getattr(tree, "lines", {})
     for key in tree:
         if key not in TOP_KEYS:
@@ -405,13 +453,17 @@ def load_recipe(recipe: Union[str, os.PathLike, dict, "Recipe"]) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
-        return _from_tree(_annotate(recipe), "<dict>")
+        try:
+            tree = _annotate(recipe)
+        except RecursionError:  # a dict that contains itself, or absurdly deep nesting
+            raise RecipeError(_TOO_DEEP, source="<dict>", line=1) from None
+        return _from_tree(tree, "<dict>")
     if isinstance(recipe, os.PathLike):
         return _load_file(Path(recipe))
     if not isinstance(recipe, str):
         raise RecipeError(f"a recipe is a path, a shipped name, YAML text or a dict; got {type(recipe).__name__}")
     text = recipe
-    if "\n" not in text and ":" not in text:
+    if text.strip() and "\n" not in text and ":" not in text:
         if os.path.isfile(text):
             return _load_file(Path(text))
         shipped = shipped_recipes()

@@ -1,0 +1,31 @@
+"""Shared test set-up.
+
+Entry-point plugins installed in the developer's environment must not leak into the tests, so
+entry-point autoload is off for the whole session (set before tokencomp first loads its plugins,
+which happens lazily). A test that needs entry points unsets the variable with ``monkeypatch`` and
+calls ``tokencomp.plugins.reload_entrypoints()``; subprocesses get the environment they are given.
+"""
+
+import os
+
+os.environ["TOKENCOMP_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def in_process_plugin():
+    """``register(obj, name)``: register a plugin object for this test only (unregistered afterwards)."""
+    import tokencomp.plugins
+
+    names = []
+
+    def register(obj, name, **kwargs):
+        names.append(tokencomp.plugins.register(obj, name=name, **kwargs))
+        return names[-1]
+
+    try:
+        yield register
+    finally:
+        for name in reversed(names):
+            tokencomp.plugins.unregister(name)
