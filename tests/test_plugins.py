@@ -125,15 +125,15 @@ GOOD_MODULE = """
 
 
 def test_builtins_are_plugins_registered_by_module_path():
-    """Every built-in class comes from a BUILTIN_PLUGINS module registered under its module path."""
+    """Every built-in class comes from a built-in plugin module registered under its module path."""
     reg = plugins.registry()
     assert reg.errors == []
-    for modname in plugins.BUILTIN_PLUGINS:
+    for modname in plugins.builtin_plugins():
         assert plugins.pm.get_plugin(modname) is sys.modules[modname]
     for kind in plugins.KINDS:
         assert reg.names(kind), f"no built-in {kind}"
         for entry in reg.entries[kind].values():
-            assert entry.plugin in plugins.BUILTIN_PLUGINS
+            assert entry.plugin in plugins.builtin_plugins()
             assert entry.distribution == "tokencomp"
             assert entry.version == importlib.metadata.version("tokencomp")
     assert reg.entries["scorer"]["v2drop"].plugin == "tokencomp.scorers.v2drop"
@@ -392,3 +392,27 @@ def test_template_scorer_usable_from_a_recipe(keynorm_loaded):
     norms = reference[vision].norm(dim=-1)
     expected = vision[norms.topk(n // 4).indices]
     assert sorted(handle.stats.kept_positions[2][0].tolist()) == sorted(expected.tolist())
+
+
+def test_core_names_no_method():
+    """The core (tokencomp/*.py) knows no method by name: methods live in the plugin packages."""
+    core = Path(plugins.__file__).parent
+    methods = ("v2drop", "v²drop", "fastv", "pdrop", "pyramiddrop", "sparsevlm", "topk")
+    for path in sorted(core.glob("*.py")):
+        text = path.read_text(encoding="utf-8").lower()
+        found = [m for m in methods if m in text]
+        assert not found, f"{path.name} mentions {found}"
+
+
+def test_one_default_per_kind_and_default_recipe():
+    """Recipes that name no scorer/selector use the plugins marked default; the default recipe
+    is made of the default plugins only."""
+    reg = plugins.registry()
+    for kind in ("scorer", "selector", "schedule"):
+        name = reg.default_name(kind)
+        assert reg.get(kind, name).default is True
+    recipe = tokencomp.default_recipe()
+    assert recipe.scorer.name == reg.default_name("scorer")
+    assert recipe.schedule.name == reg.default_name("schedule")
+    bare = tokencomp.load_recipe("schedule: {stages: [{layer: 1, keep: 0.5}]}")
+    assert bare.selector.name == reg.default_name("selector")

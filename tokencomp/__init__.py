@@ -1,7 +1,7 @@
 """tokencomp: drop vision tokens inside the language model of Hugging Face VLMs, by recipe.
 
     import tokencomp
-    recipe = tokencomp.load_recipe("v2drop/llava-1.5-7b-192")
+    recipe = tokencomp.load_recipe("my-recipe.yaml")   # or a shipped name: `tokencomp recipes`
     with tokencomp.apply(model, recipe) as handle:
         out = model.generate(**inputs)
         print(handle.stats)
@@ -10,11 +10,12 @@
 from .errors import PluginError, RecipeError, TokencompError, UnsupportedModelError
 from .hookspecs import hookimpl
 from .interfaces import LayerView, ModelAdapter, Schedule, Scorer, Selector, Stage
-from .recipe import Recipe, load_recipe, shipped_recipes
+from .recipe import Recipe, default_recipe, load_recipe, shipped_recipes
 
 __all__ = [
     "hookimpl",
     "load_recipe",
+    "default_recipe",
     "apply",
     "Recipe",
     "Handle",
@@ -34,7 +35,7 @@ __all__ = [
 
 
 def __getattr__(name):
-    # The engine imports transformers; keep `import tokencomp` (and the CLI's validate) light.
+    # The engine imports transformers (seconds); `import tokencomp` and `tokencomp validate` need only torch.
     if name in ("apply", "Handle", "Stats"):
         from . import engine
 

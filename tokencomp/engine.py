@@ -36,6 +36,7 @@ from .errors import UnsupportedModelError
 from .interfaces import LayerView, Stage
 from .plugins import registry
 from .probes import attention_rows
+from .ranking import best_mask
 from .recipe import Recipe, load_recipe
 
 _META_ATTR = "_tokencomp_meta"
@@ -448,11 +449,9 @@ class Handle:
         fill = S_new - row_len
         if bool(fill.any()):
             # Ragged batch: pad short rows with the next-best vision tokens, marked dead.
-            from .selectors.topk import topk_mask
-
             spare = is_vision_cur & ~kept
             fill_scores = torch.where(cand, scores.float(), torch.full_like(scores, -1e30, dtype=torch.float32))
-            keep = keep | topk_mask(fill_scores, spare, fill)
+            keep = keep | best_mask(fill_scores, spare, fill)
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :S_new]
         new_alive = (base | kept).gather(1, order)
         new_idx = view.positions.gather(1, order)

@@ -12,10 +12,9 @@ class RecipeError(TokencompError, ValueError):
 
     def __init__(self, message: str, *, source: str = "<string>", line: int | None = None):
         self.source = source
-        self.line = line
+        self.line = line if line is not None else 1  # unknown line: point at the top of the file
         self.reason = message
-        where = f"{source}:{line}" if line is not None else f"{source}:1"
-        super().__init__(f"{where}: {message}")
+        super().__init__(f"{source}:{self.line}: {message}")
 
 
 class PluginError(TokencompError):

@@ -2,7 +2,7 @@
 
 A plugin is a module (or object) with functions decorated by :data:`hookimpl`. Each hook receives a
 ``register`` callable and calls it with classes; the registry records which plugin provided each
-class. Built-in plugins use exactly these hooks (see ``tokencomp.plugins.BUILTIN_PLUGINS``).
+class. Built-in plugins use exactly these hooks (see ``tokencomp.plugins.BUILTIN_PACKAGES``).
 
 Example::
 

@@ -53,6 +53,8 @@ class _Plugin:
     """Shared helpers of plugin classes: name and parameter introspection."""
 
     name: ClassVar[str] = ""
+    default: ClassVar[bool] = False
+    """True for the plugin a recipe uses when it names none of this kind (one per kind)."""
 
     @classmethod
     def params(cls) -> dict[str, dataclasses.Field]:

@@ -1,6 +1,6 @@
 """The plugin manager and the registry of scorers, selectors, schedules and model adapters.
 
-Built-in plugins (``BUILTIN_PLUGINS``) are registered by module path through the same hooks a third
+Built-in plugins (every module of ``BUILTIN_PACKAGES``) are registered by module path through the same hooks a third
 party uses; third-party plugins are found through the ``tokencomp`` entry-point group, loaded lazily
 once. Set ``TOKENCOMP_DISABLE_PLUGIN_AUTOLOAD=1`` to skip entry points (tests, debugging) or
 ``TOKENCOMP_LOAD_PLUGINS=name1,name2`` to load only those entry points.
@@ -26,21 +26,20 @@ from . import hookspecs
 from .errors import PluginError
 from .interfaces import ModelAdapter, Schedule, Scorer, Selector
 
-BUILTIN_PLUGINS = (
-    "tokencomp.scorers.v2drop",
-    "tokencomp.scorers.fastv",
-    "tokencomp.scorers.pdrop",
-    "tokencomp.scorers.sparsevlm",
-    "tokencomp.scorers.baselines",
-    "tokencomp.selectors.topk",
-    "tokencomp.selectors.quota",
-    "tokencomp.schedules.explicit",
-    "tokencomp.schedules.depth_scaled",
-    "tokencomp.schedules.budget",
-    "tokencomp.models.llava",
-    "tokencomp.models.qwen_vl",
-)
-"""Module paths of the plugins that ship with tokencomp."""
+BUILTIN_PACKAGES = ("tokencomp.scorers", "tokencomp.selectors", "tokencomp.schedules", "tokencomp.models")
+"""Packages whose every module is a built-in plugin, registered like a third-party one."""
+
+
+def builtin_plugins() -> list[str]:
+    """Module paths of the plugins that ship with tokencomp (every module of BUILTIN_PACKAGES)."""
+    import pkgutil
+
+    out = []
+    for pkg in BUILTIN_PACKAGES:
+        path = importlib.import_module(pkg).__path__
+        out += [f"{pkg}.{m.name}" for m in pkgutil.iter_modules(path) if not m.name.startswith("_")]
+    return sorted(out)
+
 
 KINDS: dict[str, tuple[str, type]] = {
     "scorer": ("register_scorers", Scorer),
@@ -103,6 +102,14 @@ class Registry:
             return self.entries[kind][name].cls
         except KeyError:
             raise PluginError(self.unknown_message(kind, name)) from None
+
+    def default_name(self, kind: str) -> str:
+        """Name of the registered ``kind`` plugin marked ``default = True`` (exactly one must be)."""
+        marked = [e for e in self.entries[kind].values() if getattr(e.cls, "default", False)]
+        if len(marked) != 1:
+            who = ", ".join(f"{e.name!r} ({e.plugin})" for e in marked) or "none"
+            raise PluginError(f"exactly one {kind.replace('_', ' ')} must be marked default; found {who}")
+        return marked[0].name
 
     def unknown_message(self, kind: str, name: str) -> str:
         """Message for an unknown name: close matches, the allowed names and any broken plugins."""
@@ -181,7 +188,7 @@ def load_plugins() -> None:
         if _loaded:
             return
         _loaded = True
-        for modname in BUILTIN_PLUGINS:
+        for modname in builtin_plugins():
             if pm.get_plugin(modname) is None:
                 pm.register(importlib.import_module(modname), name=modname)
         _load_entrypoints()

@@ -1,6 +1,6 @@
 """Attention rows for a few query tokens, computed from a layer's own projections.
 
-Attention-based scorers (FastV, PDrop, SparseVLM) need ``softmax(q_i · Kᵀ · scale + mask)`` for a
+Attention-based scorers need ``softmax(q_i · Kᵀ · scale + mask)`` for a
 handful of query rows only. Computing those rows from the layer's q/k projections (after its q/k
 norm and RoPE, grouped over GQA heads without repeating K) costs ``O(B·H·Q·S·d)`` and never builds
 the ``S × S`` matrix, so the forward pass itself keeps running on SDPA or FlashAttention.

@@ -3,8 +3,8 @@
 Every problem raises :class:`tokencomp.RecipeError` whose message starts with ``file:line:``.
 Minimal recipe::
 
-    scorer: v2drop            # a plugin name, or {name: v2drop, <params>}
-    selector: topk            # optional; default topk
+    scorer: NAME              # a scorer plugin name, or {name: NAME, <params>}; optional
+    selector: NAME            # optional; both default to the plugins marked `default`
     schedule:                 # explicit stages, or a named schedule plugin with params
       stages:
         - {layer: 3, keep: 0.5}
@@ -29,9 +29,7 @@ from .errors import PluginError, RecipeError
 from .interfaces import Schedule, Scorer, Selector, Stage
 from .plugins import registry
 
-DEFAULT_SCORER = "v2drop"
-DEFAULT_SELECTOR = "topk"
-DEFAULT_SCHEDULE = "explicit"
+EXPLICIT = "explicit"  # the schedule plugin that holds `stages:` lists (the recipe format itself)
 TOP_KEYS = ("name", "description", "scorer", "selector", "schedule")
 STAGE_KEYS = ("layer", "keep", "scorer", "selector")
 
@@ -387,12 +385,12 @@ def _from_tree(tree: Any, source: str) -> Recipe:
     for key in ("name", "description"):
         if key in tree and not isinstance(tree[key], str):
             raise RecipeError(f"{key} must be a string", source=source, line=lines.get(key, 1))
-    scorer = make_plugin("scorer", tree.get("scorer", DEFAULT_SCORER), source, lines.get("scorer", 1))
-    selector = make_plugin("selector", tree.get("selector", DEFAULT_SELECTOR), source, lines.get("selector", 1))
+    scorer = make_plugin("scorer", tree.get("scorer") or _default("scorer", source), source, lines.get("scorer", 1))
+    selector = make_plugin("selector", tree.get("selector") or _default("selector", source), source, lines.get("selector", 1))
     sched_spec, sline = tree["schedule"], lines.get("schedule", 1)
     if isinstance(sched_spec, dict) and "stages" in sched_spec:
         extra = [k for k in sched_spec if k not in ("stages", "name")]
-        if sched_spec.get("name", DEFAULT_SCHEDULE) != DEFAULT_SCHEDULE or extra:
+        if sched_spec.get("name", EXPLICIT) != EXPLICIT or extra:
             bad = extra[0] if extra else "name"
             raise RecipeError(
                 f"`stages:` lists explicit stages and takes no other key (got {bad!r}); use a named schedule instead",
@@ -400,11 +398,23 @@ def _from_tree(tree: Any, source: str) -> Recipe:
                 line=getattr(sched_spec, "lines", {}).get(bad, sline),
             )
         stages = _parse_stages(sched_spec["stages"], source, getattr(sched_spec, "lines", {}).get("stages", sline))
-        cls = registry().get("schedule", DEFAULT_SCHEDULE)
+        cls = registry().get("schedule", EXPLICIT)
         schedule = cls(stages_=stages)
     else:
         schedule = _make_schedule(sched_spec, source, sline)
     return Recipe(scorer, selector, schedule, source, tree.get("name"), tree.get("description"), line=sline)
+
+
+def _default(kind: str, source: str) -> str:
+    try:
+        return registry().default_name(kind)
+    except PluginError as exc:
+        raise RecipeError(str(exc), source=source, line=1) from None
+
+
+def default_recipe() -> "Recipe":
+    """The recipe made of the default scorer, selector and schedule plugins."""
+    return load_recipe({"schedule": _default("schedule", "<default>")})
 
 
 def _annotate(obj: Any) -> Any:

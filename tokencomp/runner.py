@@ -17,7 +17,7 @@ DEMO_IMAGE = 336  # LLaVA-1.5's CLIP-336 input: 24 x 24 = 576 vision tokens
 def add_commands(sub) -> None:
     """Register ``demo``, ``run`` and ``bench`` on the CLI's sub-parser."""
     p = sub.add_parser("demo", help="compress a model end to end and show what was kept (no weights needed)")
-    p.add_argument("--recipe", default="v2drop/depth-scaled", help="recipe (shipped name or path)")
+    p.add_argument("--recipe", help="recipe (shipped name or path); default: the default scorer, selector and schedule plugins")
     p.add_argument("--model", help="a real checkpoint (id or path); default: a random-weight LLaVA-1.5 built here")
     p.add_argument("--image", help="image file for --model (default: a generated picture)")
     p.add_argument("--prompt", default="What is in this image?", help="question for --model")
@@ -134,14 +134,15 @@ def cmd_demo(args) -> int:
     from .flops import DecoderShape, prefill_flops
     from .heatmap import demo_picture, render_kept, write_png
 
-    recipe = tokencomp.load_recipe(args.recipe)
+    recipe = tokencomp.load_recipe(args.recipe) if args.recipe else tokencomp.default_recipe()
     if args.model:
         return _demo_real(args, recipe)
     model = build_demo_model()
     image = demo_picture(DEMO_IMAGE)
     inputs = demo_inputs(model, image)
     n_layers = model.config.get_text_config().num_hidden_layers
-    print(f"model: random-weight LLaVA-1.5 shape ({n_layers} layers, 576 vision tokens); recipe: {recipe.name or recipe.source}")
+    name = recipe.name or (recipe.source if recipe.source != "<dict>" else f"default ({recipe.scorer.name} scorer, {recipe.schedule.name} schedule)")
+    print(f"model: random-weight LLaVA-1.5 shape ({n_layers} layers, 576 vision tokens); recipe: {name}")
     print(recipe.describe(n_layers))
     kw = dict(max_new_tokens=8, do_sample=False)
     times = {"baseline": [], "compressed": []}

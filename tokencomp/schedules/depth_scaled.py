@@ -23,6 +23,7 @@ class V2DropSchedule(Schedule):
     """Drop at a shallow, a middle and a deep layer placed by depth fraction (paper: 3/17/22 of 32)."""
 
     name = "v2drop"
+    default = True
 
     keep: tuple[float, ...] = (0.5, 0.3, 0.0)
     """Keep ratio at each stage, relative to the tokens still present (paper's 192-token setting)."""

@@ -33,12 +33,18 @@ class SparseVLMScorer(Scorer):
         first_vis = torch.where(vis.any(1), vis.float().argmax(1), torch.zeros_like(view.last_index))
         after = torch.arange(vis.shape[1], device=vis.device)[None] > first_vis[:, None]
         txt = txt & after
-        sim = torch.einsum("bvd,btd->bvt", emb, emb)  # (B, S, S), small at rating time only
-        sim = sim.masked_fill(~txt[:, None, :], float("-inf"))
+        # Similarities against each sample's text tokens only, gathered to the front and padded to the
+        # longest: (B, S, T), never (B, S, S) (a video prompt has thousands of vision tokens).
+        T = int(txt.sum(1).max())
+        cols = torch.sort((~txt).to(torch.int8), dim=1, stable=True).indices[:, :T]  # (B, T)
+        col_ok = txt.gather(1, cols)
+        sim = torch.einsum("bvd,btd->bvt", emb, emb.gather(1, cols[..., None].expand(-1, -1, emb.shape[-1])))
+        sim = sim.masked_fill(~col_ok[:, None, :], float("-inf"))
         probs = torch.softmax(sim, dim=-1).nan_to_num(0.0)
-        m = (probs * vis[:, :, None]).sum(1) / vis.sum(1, keepdim=True).clamp(min=1)  # (B, S) over text
-        mean = (m * txt).sum(1, keepdim=True) / txt.sum(1, keepdim=True).clamp(min=1)
-        is_rater = txt & (m > mean)
+        m_t = (probs * vis[:, :, None]).sum(1) / vis.sum(1, keepdim=True).clamp(min=1)  # (B, T) over text
+        mean = (m_t * col_ok).sum(1, keepdim=True) / col_ok.sum(1, keepdim=True).clamp(min=1)
+        m = torch.zeros_like(txt, dtype=m_t.dtype).scatter(1, cols, m_t * col_ok)
+        is_rater = torch.zeros_like(txt).scatter(1, cols, col_ok & (m_t > mean))
         # Fall back to the last token when nothing qualifies (e.g. a one-word question).
         none = ~is_rater.any(1)
         is_rater[none, view.last_index[none]] = True

@@ -17,6 +17,7 @@ class V2DropScorer(Scorer):
     """Token variation between adjacent layers (V²Drop); keeps the tokens that changed most."""
 
     name = "v2drop"
+    default = True
     needs_prev_hidden = True
 
     metric: Literal["l2", "l1", "cosine"] = "l2"

@@ -8,7 +8,7 @@ import torch
 
 import tokencomp
 from tokencomp.interfaces import LayerView, Selector
-from tokencomp.selectors.topk import topk_mask
+from tokencomp.ranking import best_mask
 
 
 def split_budget(counts: torch.Tensor, budget: torch.Tensor, min_per_group: int) -> torch.Tensor:
@@ -56,7 +56,7 @@ class PerGroupQuota(Selector):
         alloc = split_budget(member.sum(1), budget, self.min_per_group)
         kept = torch.zeros_like(view.vision_mask)
         for g in range(num):
-            kept |= topk_mask(scores, member[:, :, g], alloc[:, g])
+            kept |= best_mask(scores, member[:, :, g], alloc[:, g])
         return kept
 
 

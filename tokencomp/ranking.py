@@ -1,0 +1,17 @@
+"""Ranking helper shared by the engine and selectors."""
+
+from __future__ import annotations
+
+import torch
+
+
+def best_mask(scores: torch.Tensor, candidates: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """``(B, S)`` bool mask of the ``budget[b]`` highest ``scores`` among ``candidates`` per row.
+
+    Ties go to the earlier token (a stable sort), so results do not depend on the batch layout.
+    """
+    masked = torch.where(candidates, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return candidates & (rank < budget[:, None])
