@@ -11,6 +11,11 @@ import os
 os.environ["TOKENCOMP_DISABLE_PLUGIN_AUTOLOAD"] = "1"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models are dominated by per-op overhead: one thread is faster, and does not fight other
+# processes for the cores (results are identical either way).
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -217,7 +217,7 @@ def test_stages_reject_layers_beyond_the_model_depth(tmp_path):
 
 
 def test_named_schedule_beyond_depth_points_at_schedule_line():
-    recipe = tokencomp.load_recipe("name: x\nschedule:\n  name: v2drop\n  depth: [0.5, 0.9, 1.0]\n")
+    recipe = tokencomp.load_recipe("name: x\nschedule:\n  name: v2drop\n  depth: [0.5, 0.9, 0.99]\n")
     with pytest.raises(RecipeError, match=r"^<string>:2: stage layer 10 does not exist: the model's decoder has 10 layers"):
         recipe.stages(10)
 
@@ -386,3 +386,19 @@ def test_wheel_contains_shipped_recipes(tmp_path):
     file, name, count = proc.stdout.split()
     assert Path(file).is_relative_to(target)
     assert name == SHIPPED and int(count) == len(shipped)
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        ("{name: v2drop, keep: [1.5, 0.3, 0.0]}", r"keep ratios must be in \[0, 1\], got 1.5"),
+        ("{name: v2drop, keep: [], depth: []}", r"at least one stage"),
+        ("{name: budget, depth: []}", r"at least one drop layer"),
+        ("{name: budget, depth: [0.5, 0.2]}", r"strictly increasing"),
+        ("explicit", r"at least one stage"),
+    ],
+)
+def test_named_schedules_checked_at_load(schedule, message):
+    """Named schedules reject out-of-range or empty parameters when the recipe loads, at their line."""
+    with pytest.raises(RecipeError, match=r"^<string>:2: .*" + message):
+        tokencomp.load_recipe(f"scorer: v2drop\nschedule: {schedule}\n")

@@ -218,10 +218,9 @@ def test_recipe_runs_end_to_end(name, layers):
         assert gen.shape == (2, inputs["input_ids"].shape[1] + 3)
         # generate's prefill compressed the same way as the plain forward.
         assert handle.stats.vision_tokens_per_layer == expected
-        if not (isinstance(recipe.selector, PerGroupQuota) and kwargs.get("video")):  # see the xfail below
-            for layer, kept in forward_kept.items():
-                for a, b in zip(kept, handle.stats.kept_positions[layer]):
-                    assert torch.equal(a, b)
+        for layer, kept in forward_kept.items():
+            for a, b in zip(kept, handle.stats.kept_positions[layer]):
+                assert torch.equal(a, b)
 
     if isinstance(recipe.selector, PerGroupQuota):
         # Quota: at the first stage every image and every video frame keeps at least one token, where
@@ -261,13 +260,9 @@ def frame_groups(inputs: dict, b: int, model) -> list[list[int]]:
     return groups
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tokencomp/models/qwen_vl.py splits videos into frames from `video_grid_thw`, which transformers "
-    "5.x generate() does not pass to the prefill forward (it passes `mm_encoder_outputs` and 3-D "
-    "`position_ids` instead), so under generate the whole video is one quota group",
-)
 def test_per_frame_quota_same_under_generate():
+    """Video frames form the same quota groups in a plain forward (from video_grid_thw) and under
+    generate (from the temporal M-RoPE row), so both select the same tokens."""
     name = "v2drop/qwen2-vl-7b-video-20-per-frame"
     family, kwargs = family_and_inputs(name)
     model = tiny(family, 28)

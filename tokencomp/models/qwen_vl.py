@@ -23,13 +23,24 @@ class QwenVLAdapter(ModelAdapter):
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 
     def vision_groups(self, vision_mask, call_kwargs):
+        pos = call_kwargs.get("position_ids")
+        if pos is not None and pos.ndim == 3 and pos.shape[-1] == vision_mask.shape[1]:
+            # generate() passes M-RoPE ids [text;] t, h, w: a new frame starts where t changes.
+            t = pos[-3]
+            changed = torch.nn.functional.pad(t[:, 1:] != t[:, :-1], (1, 0), value=True)
+            starts = vision_mask & (changed | ~torch.nn.functional.pad(vision_mask, (1, 0))[:, :-1])
+            groups = torch.cumsum(starts.long(), dim=1) - 1
+            return torch.where(vision_mask, groups, torch.full_like(groups, -1))
+        return self._groups_from_grid(vision_mask, call_kwargs)
+
+    def _groups_from_grid(self, vision_mask, call_kwargs):
+        """Plain forward calls carry ``video_grid_thw`` instead: frames of h*w/merge^2 tokens."""
         groups = super().vision_groups(vision_mask, call_kwargs)
         grid = call_kwargs.get("video_grid_thw")
         input_ids = call_kwargs.get("input_ids")
         video_id = getattr(self, "_video_id", None)
         if grid is None or input_ids is None or video_id is None:
             return groups
-        # Split each video run into frames of h*w/merge^2 tokens (temporal patches), in order.
         merge = getattr(self, "_merge", 2)
         frame_sizes = [int(h * w) // (merge * merge) for t, h, w in grid.tolist() for _ in range(int(t))]
         frames = iter(frame_sizes)

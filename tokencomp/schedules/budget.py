@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import tokencomp
 from tokencomp.accounting import average_tokens
 from tokencomp.interfaces import Schedule, Stage
-from tokencomp.schedules.depth_scaled import scale_layers
+from tokencomp.schedules.depth_scaled import check_fractions, scale_layers
 
 
 def solve_keep(target: float, layers: list[int], num_layers: int, n: int, final: float = 0.0) -> float:
@@ -53,8 +53,9 @@ class BudgetSchedule(Schedule):
     def __post_init__(self):
         if not 0 <= self.tokens <= self.vision_tokens:
             raise ValueError(f"tokens must be between 0 and vision_tokens ({self.vision_tokens}), got {self.tokens}")
-        if not 0 <= self.final <= 1:
-            raise ValueError(f"final must be in [0, 1], got {self.final}")
+        if not self.depth:
+            raise ValueError("depth needs at least one drop layer fraction")
+        check_fractions([self.final], self.depth)
 
     def stages(self, num_layers: int):
         layers = scale_layers(self.depth, num_layers)

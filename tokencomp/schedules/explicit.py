@@ -16,6 +16,10 @@ class ExplicitSchedule(Schedule):
 
     stages_: tuple[Stage, ...] = field(default=(), metadata={"recipe_key": "stages"})
 
+    def __post_init__(self):
+        if not self.stages_:
+            raise ValueError("an explicit schedule needs at least one stage under `stages:`")
+
     def stages(self, num_layers: int):
         return list(self.stages_)
 
