@@ -105,6 +105,7 @@ class Variant:
     name: str
     prefill_s: list = field(default_factory=list)
     generate_s: list = field(default_factory=list)
+    decode_s: list = field(default_factory=list)
     peak_bytes: list = field(default_factory=list)
     overhead_s: list = field(default_factory=list)
     kv_bytes: int = 0
@@ -136,7 +137,7 @@ def make_bench_inputs(model, vision_tokens: int, text_tokens: int, batch: int, v
     return embeds, torch.ones_like(ids), ids == vision_id
 
 
-def _run(model, handle, embeds, mask, vision, new_tokens, v: Variant, device):
+def _run(model, handle, embeds, mask, vision, new_tokens, v: Variant, device, decode_id: int):
     ctx = handle.vision_mask(vision) if handle is not None else _null()
     with torch.no_grad(), ctx:
         if handle is not None:
@@ -152,6 +153,22 @@ def _run(model, handle, embeds, mask, vision, new_tokens, v: Variant, device):
             v.overhead_s.append(handle.overhead_s)
         cache = getattr(out, "cache", None) or out.past_key_values
         v.kv_bytes = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "keys", None) is not None)
+        if new_tokens > 0:
+            # Decode measured on its own: single-token steps on the prefill's cache. The token fed is
+            # fixed (a text id): which token it is does not change the cost, and a random model's
+            # argmax could be a vision placeholder.
+            ids = torch.full((mask.shape[0], 1), decode_id, dtype=torch.long, device=mask.device)
+            am = mask
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                # Explicit positions: Qwen models otherwise derive them from state a previous
+                # generate() left on the model (rope_deltas).
+                pos = torch.full_like(ids, am.shape[1])
+                am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
+                model(input_ids=ids, attention_mask=am, position_ids=pos, cache=cache, use_cache=True)
+            _sync(device)
+            v.decode_s.append(time.perf_counter() - t0)
         del out, cache
         if new_tokens > 0:
             _sync(device)
@@ -208,6 +225,8 @@ def bench(
     device = model.get_input_embeddings().weight.device
     embeds, mask, vision = make_bench_inputs(model, vision_tokens, text_tokens, batch, adapter_ids[0])
     shape = DecoderShape.from_config(model.config)
+    vocab = model.get_input_embeddings().num_embeddings
+    decode_id = next(i for i in range(vocab - 1, 0, -1) if i not in adapter_ids)
     variants = {"untouched": Variant("untouched"), "hooks": Variant("hooks (keep=1)"), "recipe": Variant("recipe")}
     recipes = {"hooks": identity_recipe(recipe, num_layers), "recipe": recipe}
     order = list(variants)
@@ -221,7 +240,7 @@ def bench(
             if handle is not None:
                 handle.profile = True
             try:
-                _run(model, handle, embeds, mask, vision, new_tokens, v, device)
+                _run(model, handle, embeds, mask, vision, new_tokens, v, device, decode_id)
                 if handle is not None and r > 0:
                     L = embeds.shape[1]
                     counts = handle.stats.vision_tokens_per_layer[0]
@@ -255,16 +274,11 @@ def _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, n
     kv_base = kv_cache_bytes(shape, base.tokens_per_layer, esize) * batch
     kv_comp = kv_cache_bytes(shape, comp.tokens_per_layer, esize) * batch
 
-    def decode_s(v):
-        if not v.generate_s:
-            return float("nan")
-        return max(v.median("generate_s") - v.median("prefill_s"), 1e-9)
-
     flop_ratio = f_comp / f_base
     prefill_ratio = comp.median("prefill_s") / base.median("prefill_s")
     rows = {
         "prefill_s": (base.median("prefill_s"), comp.median("prefill_s")),
-        "decode_tokens_per_s": (batch * new_tokens / decode_s(base), batch * new_tokens / decode_s(comp)),
+        "decode_tokens_per_s": (batch * new_tokens / base.median("decode_s"), batch * new_tokens / comp.median("decode_s")),
         "generate_s": (base.median("generate_s"), comp.median("generate_s")),
         "peak_memory_bytes": (statistics.median(base.peak_bytes), statistics.median(comp.peak_bytes)),
         "kv_cache_bytes": (base.kv_bytes, comp.kv_bytes),
@@ -289,7 +303,10 @@ def _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, n
         "metrics": {
             k: {"baseline": b, "compressed": c, "ratio": (c / b if b else float("nan"))} for k, (b, c) in rows.items()
         },
-        "spread": {name: {"prefill": v.spread("prefill_s"), "generate": v.spread("generate_s")} for name, v in variants.items()},
+        "spread": {
+            name: {"prefill": v.spread("prefill_s"), "decode": v.spread("decode_s"), "generate": v.spread("generate_s")}
+            for name, v in variants.items()
+        },
         "kv_cache_bytes_analytic": {"baseline": kv_base, "compressed": kv_comp},
         "flop_ratio": flop_ratio,
         "prefill_efficiency": prefill_ratio / flop_ratio,
@@ -334,3 +351,21 @@ def format_report(rep: dict[str, Any]) -> str:
         f"recipe {rep['spread']['recipe']['prefill']:.2f}",
     ]
     return "\n".join(lines)
+
+
+MARKDOWN_HEADER = (
+    "| recipe | vision tokens | avg kept / layer | FLOP ratio | prefill ratio | efficiency | decode tok/s ratio "
+    "| KV-cache ratio | peak-mem ratio | scoring share | keep=1 hooks ratio | prefill noise |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def format_markdown_row(rep: dict[str, Any]) -> str:
+    """One Markdown table row (see ``MARKDOWN_HEADER``) of a :func:`bench` result."""
+    m = rep["metrics"]
+    return (
+        f"| {rep['recipe']} | {rep['vision_tokens']} | {rep['average_vision_tokens']:.1f} | {rep['flop_ratio']:.3f} "
+        f"| {m['prefill_s']['ratio']:.3f} | {rep['prefill_efficiency']:.3f} | {m['decode_tokens_per_s']['ratio']:.3f} "
+        f"| {m['kv_cache_bytes']['ratio']:.3f} | {m['peak_memory_bytes']['ratio']:.3f} | {100 * rep['overhead_share']:.2f}% "
+        f"| {rep['hooks_prefill_ratio']:.3f} | {rep['spread']['recipe']['prefill']:.2f} |"
+    )

@@ -49,6 +49,7 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", dest="json_out", help="write the results as JSON here")
+    p.add_argument("--markdown", action="store_true", help="also print a Markdown table (for BENCHMARKS.md)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -85,6 +86,12 @@ def cmd_bench(args) -> int:
         print()
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        from .bench import MARKDOWN_HEADER, format_markdown_row
+
+        print(MARKDOWN_HEADER)
+        for rep in results:
+            print(format_markdown_row(rep))
     return 0
 
 

@@ -1,0 +1,108 @@
+"""Benchmark plumbing: the FLOP model against hand counts, well-formed bench output, heatmaps."""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+
+import pytest
+import torch
+
+import tokencomp
+from tokencomp.bench import bench, format_markdown_row, format_report
+from tokencomp.flops import DecoderShape, decode_flops, kv_cache_bytes, layer_flops, prefill_flops
+from tokencomp.heatmap import demo_picture, kept_grid, render_kept, write_png
+from tokencomp.testing import build_synthetic, build_tiny
+
+
+def _hand_count(D, H, Hkv, d, I, new, cached):
+    """Count multiply-adds of one layer by walking its matrix products one by one."""
+    macs = 0
+    macs += new * D * (H * d)  # q_proj
+    macs += 2 * new * D * (Hkv * d)  # k_proj, v_proj
+    macs += new * (H * d) * D  # o_proj
+    macs += 3 * new * D * I  # gate, up, down
+    for i in range(1, new + 1):  # query i sees the cache and the first i new tokens
+        keys = cached + i
+        macs += H * d * keys  # q . k
+        macs += H * d * keys  # p . v
+    return 2 * macs
+
+
+@pytest.mark.parametrize("new, cached", [(1, 0), (5, 0), (1, 7), (3, 4)])
+def test_layer_flops_match_hand_count(new, cached):
+    shape = DecoderShape(hidden=12, heads=4, kv_heads=2, head_dim=3, intermediate=20, layers=2)
+    assert layer_flops(shape, new, cached) == _hand_count(12, 4, 2, 3, 20, new, cached)
+
+
+def test_schedule_flops_and_kv_bytes():
+    shape = DecoderShape(hidden=8, heads=2, kv_heads=1, head_dim=4, intermediate=16, layers=3)
+    tokens = [10, 6, 6]
+    assert prefill_flops(shape, tokens) == sum(_hand_count(8, 2, 1, 4, 16, n, 0) for n in tokens)
+    assert decode_flops(shape, tokens, 2) == sum(_hand_count(8, 2, 1, 4, 16, 1, c + t) for c in tokens for t in range(2))
+    assert kv_cache_bytes(shape, tokens, 2) == sum(2 * 1 * 4 * n * 2 for n in tokens)
+    model = build_tiny("qwen2_vl")
+    s = DecoderShape.from_config(model.config)
+    assert (s.hidden, s.heads, s.kv_heads, s.head_dim, s.layers) == (64, 4, 2, 16, 6)
+
+
+def test_bench_output_is_well_formed():
+    model = build_synthetic("llava-1.5-7b:layers=6,hidden=64,heads=4,kv_heads=2,intermediate=128")
+    recipe = {"scorer": "v2drop", "schedule": {"stages": [{"layer": 2, "keep": 0.5}, {"layer": 4, "keep": 0.0}]}}
+    rep = bench(model, recipe, vision_tokens=40, text_tokens=10, new_tokens=2, repeat=2, progress=False)
+    json.dumps(rep)  # serialisable
+    assert rep["vision_tokens_per_layer"] == [40, 40, 20, 20, 0, 0]
+    assert math.isclose(rep["average_vision_tokens"], 120 / 6)
+    m = rep["metrics"]
+    for key in ("prefill_s", "decode_tokens_per_s", "generate_s", "kv_cache_bytes", "prefill_flops", "decode_flops"):
+        assert m[key]["baseline"] > 0 and m[key]["compressed"] > 0, key
+        assert math.isclose(m[key]["ratio"], m[key]["compressed"] / m[key]["baseline"])
+    shape = DecoderShape.from_config(model.config)
+    assert m["prefill_flops"]["compressed"] == prefill_flops(shape, [50, 50, 30, 30, 10, 10])
+    # The measured KV cache is exactly the analytic one (fp32 keys and values, kept tokens per layer).
+    assert m["kv_cache_bytes"]["compressed"] == rep["kv_cache_bytes_analytic"]["compressed"]
+    assert m["kv_cache_bytes"]["baseline"] == rep["kv_cache_bytes_analytic"]["baseline"]
+    assert 0 <= rep["overhead_share"] < 1
+    assert math.isclose(rep["prefill_efficiency"], m["prefill_s"]["ratio"] / rep["flop_ratio"])
+    text = format_report(rep)
+    assert "efficiency" in text and "prefill_s" in text
+    assert format_markdown_row(rep).count("|") == 13
+
+
+def test_bench_cli_json(tmp_path, capsys):
+    from tokencomp.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("scorer: fastv\nschedule:\n  stages:\n    - {layer: 2, keep: 0.5}\n")
+    out = tmp_path / "b.json"
+    code = main([
+        "bench", str(recipe), "--synthetic", "qwen2-vl-7b:layers=4,hidden=64,heads=4,kv_heads=2,intermediate=128",
+        "--vision-tokens", "16", "32", "--text-tokens", "8", "--new-tokens", "1", "--repeat", "1",
+        "--json", str(out), "--markdown",
+    ])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert [d["vision_tokens"] for d in data] == [16, 32]
+    assert data[1]["vision_tokens_per_layer"] == [32, 32, 16, 16]
+    assert "| recipe |" in capsys.readouterr().out
+
+
+def test_heatmap_grid_and_png(tmp_path):
+    keep = kept_grid((2, 3), start=10, positions=torch.tensor([10, 14, 15]))
+    assert keep.tolist() == [[True, False, False], [False, True, True]]
+    image = demo_picture(28)
+    panels = render_kept(image, (2, 2), 5, {3: [torch.tensor([5, 8])], 7: [torch.tensor([8])]})
+    assert panels.shape == (3, 28, 28 * 3 + 8)
+    assert torch.equal(panels[:, :, :28], image)
+    path = tmp_path / "h.png"
+    write_png(path, panels)
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    # Decode our own IDAT back and compare with the pixels written.
+    idat = data[data.index(b"IDAT") + 4 : data.index(b"IEND") - 8]
+    raw = zlib.decompress(idat)
+    width = panels.shape[2]
+    first_row = raw[1 : 1 + 3 * width]
+    expect = (panels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)[0].flatten().tolist()
+    assert list(first_row) == expect
