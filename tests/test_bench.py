@@ -1,10 +1,9 @@
-"""Benchmark plumbing: the FLOP model against hand counts, well-formed bench output, heatmaps."""
+"""Benchmark plumbing: the FLOP model against hand counts, well-formed bench output."""
 
 from __future__ import annotations
 
 import json
 import math
-import zlib
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ import torch
 import tokencomp
 from tokencomp.bench import bench, format_markdown_row, format_report
 from tokencomp.flops import DecoderShape, decode_flops, kv_cache_bytes, layer_flops, prefill_flops
-from tokencomp.heatmap import demo_picture, kept_grid, render_kept, write_png
 from tokencomp.testing import build_synthetic, build_tiny
 
 
@@ -86,23 +84,3 @@ def test_bench_cli_json(tmp_path, capsys):
     assert [d["vision_tokens"] for d in data] == [16, 32]
     assert data[1]["vision_tokens_per_layer"] == [32, 32, 16, 16]
     assert "| recipe |" in capsys.readouterr().out
-
-
-def test_heatmap_grid_and_png(tmp_path):
-    keep = kept_grid((2, 3), start=10, positions=torch.tensor([10, 14, 15]))
-    assert keep.tolist() == [[True, False, False], [False, True, True]]
-    image = demo_picture(28)
-    panels = render_kept(image, (2, 2), 5, {3: [torch.tensor([5, 8])], 7: [torch.tensor([8])]})
-    assert panels.shape == (3, 28, 28 * 3 + 8)
-    assert torch.equal(panels[:, :, :28], image)
-    path = tmp_path / "h.png"
-    write_png(path, panels)
-    data = path.read_bytes()
-    assert data.startswith(b"\x89PNG\r\n\x1a\n")
-    # Decode our own IDAT back and compare with the pixels written.
-    idat = data[data.index(b"IDAT") + 4 : data.index(b"IEND") - 8]
-    raw = zlib.decompress(idat)
-    width = panels.shape[2]
-    first_row = raw[1 : 1 + 3 * width]
-    expect = (panels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)[0].flatten().tolist()
-    assert list(first_row) == expect

@@ -33,15 +33,6 @@ from tokencomp.testing import build_tiny, make_inputs, suppress_ids
 PROBE_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are far faster on one intra-op thread (no thread start-up per op, no oversubscription).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 _MODELS: dict = {}
 
 

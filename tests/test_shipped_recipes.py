@@ -39,15 +39,6 @@ AVERAGE_RE = re.compile(
 SHIPPED = tokencomp.shipped_recipes()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are far faster on one intra-op thread (no thread start-up per op, no oversubscription).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 NAMES = list(SHIPPED)
 
 # Every setting the issue asks for must be shipped under a name a user would look for.

@@ -32,6 +32,7 @@ def add_commands(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
+    p.add_argument("--heatmap", help="also write a PNG of the tokens kept at each stage over the images / frames")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="time untouched vs recipe side by side; print ratios")
@@ -139,7 +140,7 @@ def demo_inputs(model, image: torch.Tensor, prompt_len: int = 24, seed: int = 0)
 def cmd_demo(args) -> int:
     import tokencomp
     from .flops import DecoderShape, prefill_flops
-    from .heatmap import demo_picture, render_kept, write_png
+    from .heatmap import demo_picture, render_regions, token_layout, write_png
 
     recipe = tokencomp.load_recipe(args.recipe) if args.recipe else tokencomp.default_recipe()
     if args.model:
@@ -174,9 +175,7 @@ def cmd_demo(args) -> int:
     print(f"prefill FLOPs: {f_base / 1e9:.2f} G -> {f_comp / 1e9:.2f} G ({100 * (1 - f_comp / f_base):.1f}% saved)")
     print(f"generate (8 tokens) latency: baseline {tb * 1000:.0f} ms, compressed {tc * 1000:.0f} ms (ratio {tc / tb:.2f})")
     print(f"generated ids (random weights, not meaningful): baseline {base[0, L:].tolist()}, compressed {comp[0, L:].tolist()}")
-    grid = (DEMO_IMAGE // 14, DEMO_IMAGE // 14)
-    start = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
-    panels = render_kept(image, grid, start, stats.kept_positions, sample=0)
+    panels = render_regions(image, token_layout(model, inputs), stats.kept_positions)
     write_png(args.out, panels)
     print(f"wrote {args.out}: the image, then the patches kept after each stage ({', '.join(map(str, stats.kept_positions))})")
     return 0
@@ -205,7 +204,7 @@ def _demo_real(args, recipe) -> int:
     return 0
 
 
-def _generate_real(model_id, recipe, images, prompt, max_new_tokens, attn, compare=False, video=None):
+def _generate_real(model_id, recipe, images, prompt, max_new_tokens, attn, compare=False, video=None, heatmap=None):
     import tokencomp
     from transformers import AutoProcessor
 
@@ -231,7 +230,32 @@ def _generate_real(model_id, recipe, images, prompt, max_new_tokens, attn, compa
         base = decode(model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)) if compare else None
         with tokencomp.apply(model, recipe) as handle:
             comp = decode(model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False))
+    if heatmap:
+        _write_heatmap(heatmap, model, inputs, images, video, handle.stats)
     return base, comp, handle.stats
+
+
+def _picture(pil, size=224) -> torch.Tensor:
+    """A PIL image as a (3, size, size) float tensor (regions cover whole images, so aspect is free)."""
+    import numpy as np
+
+    arr = torch.from_numpy(np.asarray(pil.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0)
+    return arr.permute(2, 0, 1)
+
+
+def _write_heatmap(path, model, inputs, images, video, stats) -> None:
+    from .heatmap import render_regions, token_layout, write_png
+
+    regions = token_layout(model, {k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()})
+    pictures = {("image", i, 0): _picture(im) for i, im in enumerate(images)}
+    frames = video or []
+    for r in regions:
+        if r.view == "video":
+            # A Qwen frame covers temporal_patch_size input frames: show the first of them.
+            step = max(1, len(frames) // max(1, sum(1 for x in regions if x.view == "video")))
+            pictures[("video", r.image, r.frame)] = _picture(frames[min(r.frame * step, len(frames) - 1)])
+    write_png(path, render_regions(pictures, regions, stats.kept_positions))
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def cmd_run(args) -> int:
@@ -246,7 +270,9 @@ def cmd_run(args) -> int:
             print(f"error: no .png/.jpg frames in {args.video}", file=sys.stderr)
             return 1
         video = _load_images(frames)
-    _, answer, stats = _generate_real(args.model, recipe, images, args.prompt, args.max_new_tokens, args.attn, video=video)
+    _, answer, stats = _generate_real(
+        args.model, recipe, images, args.prompt, args.max_new_tokens, args.attn, video=video, heatmap=args.heatmap
+    )
     print(answer)
     print(json.dumps(stats.as_dict()["average_vision_tokens"]), file=sys.stderr)
     print(f"vision tokens per layer: {stats.vision_tokens_per_layer}", file=sys.stderr)

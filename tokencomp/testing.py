@@ -164,6 +164,12 @@ def _attn_map(attn: str) -> dict:
     return {"": attn, "text_config": attn, "vision_config": vision}
 
 
+# Placeholder and delimiter ids shared by the three Qwen-VL families.
+_QWEN_IDS = dict(
+    image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID
+)
+
+
 def tiny_config(family: str, *, layers: int = 6, attn: str = "sdpa") -> transformers.PretrainedConfig:
     """Return the tiny config of `family` with `layers` text decoder layers.
 
@@ -231,10 +237,7 @@ def tiny_config(family: str, *, layers: int = 6, attn: str = "sdpa") -> transfor
                 spatial_merge_size=_QWEN_MERGE,
                 temporal_patch_size=_QWEN_TEMPORAL,
             ),
-            image_token_id=IMAGE_ID,
-            video_token_id=VIDEO_ID,
-            vision_start_token_id=VISION_START_ID,
-            vision_end_token_id=VISION_END_ID,
+            **_QWEN_IDS,
         )
     elif family == "qwen2_5_vl":
         cfg = transformers.Qwen2_5_VLConfig(
@@ -256,10 +259,7 @@ def tiny_config(family: str, *, layers: int = 6, attn: str = "sdpa") -> transfor
                 window_size=56,
                 fullatt_block_indexes=[1],
             ),
-            image_token_id=IMAGE_ID,
-            video_token_id=VIDEO_ID,
-            vision_start_token_id=VISION_START_ID,
-            vision_end_token_id=VISION_END_ID,
+            **_QWEN_IDS,
         )
     else:  # qwen3_vl
         cfg = transformers.Qwen3VLConfig(
@@ -289,10 +289,7 @@ def tiny_config(family: str, *, layers: int = 6, attn: str = "sdpa") -> transfor
                 temporal_patch_size=_QWEN_TEMPORAL,
                 num_position_embeddings=64,  # 8x8 learned grid, interpolated to each image
             ),
-            image_token_id=IMAGE_ID,
-            video_token_id=VIDEO_ID,
-            vision_start_token_id=VISION_START_ID,
-            vision_end_token_id=VISION_END_ID,
+            **_QWEN_IDS,
         )
 
     cfg._attn_implementation = _attn_map(attn)
