@@ -624,3 +624,25 @@ def test_remap_decode_mask_unit():
     assert M.remap_decode_mask(None, idx[:1], alive[:1], P, P + t, 1, M.SDPA, torch.float32) is None
     synth = M.remap_decode_mask(None, idx, alive, P, P + t, 1, M.SDPA, torch.float32)
     assert synth[1, 0, 0].tolist() == [True, False, True, True, True]
+
+
+def test_unsupported_kernels_and_layers_rejected_at_apply():
+    """flex attention and sliding-window layers are rejected before any forward, with the reason."""
+    model = build_tiny("qwen2_vl")
+    text = model.config.get_text_config()
+    text._attn_implementation_internal = "flex_attention"
+    with pytest.raises(tokencomp.UnsupportedModelError, match="flex_attention"):
+        tokencomp.apply(model, recipe())
+    text._attn_implementation_internal = "sdpa"
+    text.layer_types = ["sliding_attention"] * text.num_hidden_layers
+    with pytest.raises(tokencomp.UnsupportedModelError, match="sliding-window"):
+        tokencomp.apply(model, recipe())
+    text.layer_types = ["full_attention"] * text.num_hidden_layers
+    tokencomp.apply(model, recipe()).remove()
+
+
+def test_labels_rejected():
+    model = tiny("llava")
+    inputs = make_inputs(model)
+    with tokencomp.apply(model, recipe()), pytest.raises(tokencomp.UnsupportedModelError, match="labels"):
+        model(**inputs, labels=inputs["input_ids"])
