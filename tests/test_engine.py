@@ -646,3 +646,11 @@ def test_labels_rejected():
     inputs = make_inputs(model)
     with tokencomp.apply(model, recipe()), pytest.raises(tokencomp.UnsupportedModelError, match="labels"):
         model(**inputs, labels=inputs["input_ids"])
+
+
+@pytest.mark.parametrize("scorer", ["random", "none", "uniform", "sparsevlm", "pdrop"])
+def test_every_scorer_batch_equals_single(scorer):
+    """Batch invariance holds for every built-in scorer (the random draw is per token index)."""
+    model = tiny("qwen2_vl")
+    inputs = make_inputs(model, batch=3, image_sizes=RAGGED["qwen2_vl"])
+    _batch_vs_single(model, inputs, recipe(scorer), "left")

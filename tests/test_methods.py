@@ -65,6 +65,7 @@ def make_view(hidden, *, vision=None, text=None, groups=None, prev=None, embeddi
         last_index=last,
         positions=torch.arange(S).expand(B, S),
         groups=groups,
+        token_index=torch.arange(S).expand(B, S),
         prev_hidden=prev,
         embeddings=embeddings,
         attention=attention,

@@ -360,7 +360,7 @@ def test_wheel_contains_shipped_recipes(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(
         REPO, src,
-        ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "out"),
+        ignore=shutil.ignore_patterns(".git", ".venv", ".venv-*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "out"),
     )
     pip = [sys.executable, "-m", "pip"]
     flags = ["--no-deps", "--no-build-isolation", "--no-index", "-q"]

@@ -390,6 +390,7 @@ class Handle:
             last_index=last,
             positions=idx,
             groups=state.groups.gather(1, idx),
+            token_index=(torch.cumsum(state.valid.long(), 1) - 1).gather(1, idx),
             prev_hidden=prev,
             embeddings=emb,
             attention=attention,

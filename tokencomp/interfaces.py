@@ -38,6 +38,9 @@ class LayerView:
     """``(B, S)`` long: each token's position in the original, uncompressed sequence."""
     groups: torch.Tensor
     """``(B, S)`` long: image / frame number of each vision token, ``-1`` for other tokens."""
+    token_index: torch.Tensor
+    """``(B, S)`` long: index of each token among its sample's real tokens (padding not counted),
+    so it does not depend on how the sample was padded in a batch."""
     prev_hidden: Optional[torch.Tensor] = None
     """``(B, S, D)`` residual stream that entered ``layer - 1`` (only if the scorer sets ``needs_prev_hidden``)."""
     embeddings: Optional[torch.Tensor] = None

@@ -21,8 +21,11 @@ class RandomScorer(Scorer):
     """Seed; combined with the layer index so that stages draw differently."""
 
     def score(self, view: LayerView):
+        # One draw per token index within the sample: a sample gets the same scores whatever batch
+        # it is in and however it is padded.
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1000003 + view.layer)
-        return torch.rand(view.vision_mask.shape, generator=gen).to(view.hidden.device)
+        table = torch.rand(int(view.token_index.max()) + 1, generator=gen).to(view.hidden.device)
+        return table[view.token_index.clamp(min=0)]
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class NoneScorer(Scorer):
     name = "none"
 
     def score(self, view: LayerView):
-        return -view.positions.float()
+        return -view.token_index.float()
 
 
 @tokencomp.hookimpl

@@ -15,7 +15,7 @@ def _view(hidden):
     positions = torch.arange(S).expand(B, -1)
     return tokencomp.LayerView(
         layer=1, hidden=hidden, vision_mask=mask, text_mask=~mask, last_index=torch.full((B,), S - 1),
-        positions=positions, groups=torch.zeros(B, S, dtype=torch.long),
+        positions=positions, groups=torch.zeros(B, S, dtype=torch.long), token_index=positions,
     )
 
 
