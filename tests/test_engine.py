@@ -698,3 +698,23 @@ def test_follow_up_chunk_on_compressed_cache(family, attn):
             with h.replay(kept):
                 again = model(**full).logits
     assert (follow - again[:, -5:]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_quota_keeps_every_video_frame(family):
+    """With the quota selector every video frame keeps a token even at a tiny budget, and forward
+    and generate (which hands the model pre-encoded media) form the same frame groups."""
+    model = tiny(family)
+    inputs = make_inputs(model, batch=2, video=True, n_images=1)
+    rec = recipe("v2drop", stages=[{"layer": 2, "keep": 0.2}], selector="quota")
+    with torch.no_grad(), tokencomp.apply(model, rec) as h:
+        model(**inputs)
+        forward = [t.clone() for t in h.stats.kept_positions[2]]
+        model.generate(**inputs, max_new_tokens=1, do_sample=False, suppress_tokens=no_stop(model))
+        generated = h.stats.kept_positions[2]
+        groups = h.adapter.vision_groups(_is_vis(model, inputs), inputs)
+    for b in range(2):
+        assert torch.equal(forward[b], generated[b])
+        frames = set(groups[b][groups[b] >= 0].tolist())
+        assert len(frames) > 2
+        assert set(groups[b][forward[b]].tolist()) == frames

@@ -406,7 +406,18 @@ class _LlavaHfBatching:
     Prompts, chat template and generation settings are those of ``LlavaHf.generate_until``
     (which, like here, does not cut the answer at ``until``); video requests and batch size 1
     go to ``LlavaHf`` itself.
+
+    Also: ``LlavaHf``'s default ``device_map=""`` is rejected by transformers 5 in a single process;
+    there it becomes ``device``.
     """
+
+    def __init__(self, *args, device: str = "cuda", device_map: str = "", **kwargs):
+        if device_map == "":
+            from accelerate import PartialState
+
+            if PartialState().num_processes <= 1:
+                device_map = str(device)
+        super().__init__(*args, device=device, device_map=device_map, **kwargs)
 
     def _llava_prompt(self, context: str, n_images: int) -> str:
         from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, VICUNA_CHAT_TEMPLATE

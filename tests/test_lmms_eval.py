@@ -1,0 +1,281 @@
+"""``lmms-eval --model tokencomp`` (tokencomp.integrations.lmms_eval), without the hub.
+
+The tiny random-weight models of :mod:`tokencomp.testing` are saved with ``save_pretrained`` next
+to a processor built here (a character-level ``tokenizers`` tokenizer with the tiny models'
+special-token ids, plus the family's image processor), so the wrapper is constructed exactly as
+``--model tokencomp --model_args pretrained=DIR,...`` does: lmms-eval's own class loads the model
+and processor from disk with ``from_pretrained``.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'tokencomp[eval]')")
+pytest.importorskip("decord", reason="lmms-eval's LLaVA/Qwen model modules need decord (lmms-eval[video-legacy])")
+
+import torch  # noqa: E402
+from lmms_eval.api.instance import Instance  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tokencomp import testing as T  # noqa: E402
+
+LAYERS = 6
+RECIPE = """\
+scorer: v2drop
+schedule:
+  stages:
+    - {layer: 2, keep: 0.5}
+    - {layer: 4, keep: 0.25}
+"""
+KEEP_ALL = """\
+scorer: v2drop
+schedule:
+  stages:
+    - {layer: 2, keep: 1.0}
+"""
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": T.PAD_ID, "<s>": T.BOS_ID, "</s>": T.EOS_ID, "<image>": T.IMAGE_ID, "<video>": T.VIDEO_ID, "<unk>": 7}
+    for c in range(33, 127):  # printable ASCII, one token per character
+        vocab[chr(c)] = len(vocab) + 2  # ids 8.. (5 and 6 are the Qwen vision delimiters)
+    while len(vocab) < T.VOCAB_SIZE - 2:
+        vocab[f"<x{len(vocab)}>"] = len(vocab) + 2
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split("", "isolated")])
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<image>", "<video>"],
+    )
+
+
+def _save_llava(path):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    model = T.build_tiny("llava", layers=LAYERS)
+    side = model.config.vision_config.image_size
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
+        tokenizer=_tokenizer(),
+        patch_size=model.config.vision_config.patch_size,
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+    )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return _save_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(RECIPE)
+    return str(path)
+
+
+def _make(model_args: str, batch_size: int = 1):
+    from lmms_eval.models import get_model
+
+    # exactly what `lmms-eval --model tokencomp --model_args ... --batch_size N --device cpu` does
+    return get_model("tokencomp").create_from_arg_string(model_args, {"batch_size": batch_size, "device": "cpu"})
+
+
+def _docs(n):
+    g = torch.Generator().manual_seed(0)
+    docs = []
+    for i in range(n):
+        w, h = 100 + 17 * i, 90 + 11 * i  # different sizes; the processor resizes
+        pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+        docs.append({"image": Image.fromarray(pixels), "question": f"what is {i}?" + " more" * i})
+    return docs
+
+
+def _setup_task(lm, docs, task="toy"):
+    lm.task_dict = {task: {"test": docs}}
+
+
+def _gen_requests(docs, task="toy", max_new_tokens=4):
+    return [
+        Instance(
+            request_type="generate_until",
+            arguments=(d["question"], {"max_new_tokens": max_new_tokens, "until": ["\n\n"], "temperature": 0},
+                       lambda doc: [doc["image"]], i, task, "test"),
+            idx=0,
+            metadata={"task": task, "doc_id": i, "repeats": 1},
+        )
+        for i, d in enumerate(docs)
+    ]
+
+
+def _ll_requests(docs, task="toy_ll"):
+    return [
+        Instance(
+            request_type="loglikelihood",
+            arguments=(d["question"], "yes it is", lambda doc: [doc["image"]], i, task, "test"),
+            idx=0,
+            metadata={"task": task, "doc_id": i, "repeats": 1},
+        )
+        for i, d in enumerate(docs)
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_import_tokencomp_does_not_import_lmms_eval():
+    code = "import sys, tokencomp, tokencomp.integrations; tokencomp.apply; assert 'lmms_eval' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_entry_point_resolves_model_tokencomp():
+    from importlib.metadata import entry_points
+
+    from lmms_eval.models import MODEL_REGISTRY_V2, get_model
+
+    from tokencomp.integrations import lmms_eval as integ
+
+    eps = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "tokencomp"]
+    assert len(eps) == 1 and eps[0].value == "tokencomp.integrations.lmms_eval:manifests"
+    resolved = MODEL_REGISTRY_V2.resolve("tokencomp")
+    assert resolved.class_path == "tokencomp.integrations.lmms_eval.Tokencomp"
+    assert resolved.model_type == "simple"
+    assert get_model("tokencomp") is integ.Tokencomp  # what `--model tokencomp` instantiates
+
+
+def test_model_class_reuses_lmms_eval_classes():
+    from lmms_eval.api.model import lmms
+    from lmms_eval.models.simple.llava_hf import LlavaHf
+    from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL
+    from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
+
+    from tokencomp.integrations import lmms_eval as integ
+
+    for base, parent in [("llava_hf", LlavaHf), ("qwen2_vl", Qwen2_VL), ("qwen2_5_vl", Qwen2_5_VL)]:
+        cls = integ.model_class(base)
+        assert issubclass(cls, parent) and issubclass(cls, lmms) and issubclass(cls, integ.TokencompModel)
+        assert getattr(integ, cls.__name__) is cls
+    assert integ.base_for("whatever", base="llava_onevision") == "llava_hf"
+    with pytest.raises(ValueError, match="not supported"):
+        integ.model_class("nope")
+
+
+def test_generation_is_compressed_batched_and_matches_llava_hf(llava_dir, recipe_file, tmp_path):
+    stats_path = tmp_path / "stats.json"
+    lm = _make(f"pretrained={llava_dir},recipe={recipe_file},stats_path={stats_path}", batch_size=2)
+    from lmms_eval.models.simple.llava_hf import LlavaHf
+
+    from tokencomp.integrations.lmms_eval import TokencompModel
+
+    assert isinstance(lm, LlavaHf) and isinstance(lm, TokencompModel)
+    docs = _docs(5)
+    _setup_task(lm, docs)
+    out = lm.generate_until(_gen_requests(docs))
+    assert len(out) == 5 and all(isinstance(o, str) for o in out)
+
+    # compression active: fewer vision tokens in deep layers, FLOPs saved
+    handle = lm.tokencomp_handle
+    table = handle.stats.vision_tokens_per_layer  # last batch
+    assert all(row[0] == 64 and row[2] == 32 and row[4] == 8 for row in table)
+    summary = lm.tokencomp_summary()
+    overall = summary["overall"]
+    assert overall["samples"] == 5
+    assert overall["vision_tokens_per_layer"] == [64, 64, 32, 32, 8, 8]
+    assert overall["vision_tokens_avg"] == pytest.approx((64 * 2 + 32 * 2 + 8 * 2) / 6)
+    assert 0 < overall["prefill_flops_ratio"] < 1
+    assert set(summary["tasks"]) == {"toy"}
+
+    # batch size 2 gives LlavaHf's own batch-size-1 answers (same prompts, same engine)
+    lm.batch_size_per_gpu = 1
+    single = lm.generate_until(_gen_requests(docs))
+    assert single == out
+
+    # end of run: statistics written, and handed to lmms-eval's results ("throughput")
+    from lmms_eval.models.model_utils import gen_metrics
+
+    gen_metrics.reset_logged_metrics()
+    model = lm.model
+    lm.clean()
+    saved = json.loads(stats_path.read_text())
+    assert saved["overall"]["samples"] == 10 and saved["recipe"] == recipe_file
+    assert gen_metrics.summarize_logged_metrics()["avg_tokencomp_vision_tokens"] == pytest.approx(overall["vision_tokens_avg"])
+    assert not model._forward_hooks and not model._forward_pre_hooks  # recipe removed
+
+
+def test_vanilla_records_stats_and_untouched_outputs(llava_dir, recipe_file):
+    docs = _docs(3)
+    vanilla = _make(f"pretrained={llava_dir}", batch_size=3)
+    _setup_task(vanilla, docs)
+    out = vanilla.generate_until(_gen_requests(docs))
+    assert vanilla.tokencomp_handle is None
+    o = vanilla.tokencomp_summary()["overall"]
+    assert o["samples"] == 3 and o["vision_tokens_avg"] == 64 and o["prefill_flops_ratio"] == 1.0
+    # the same weights through lmms-eval's own LlavaHf give the same answers
+    from lmms_eval.models.simple.llava_hf import LlavaHf
+
+    ref = LlavaHf(pretrained=llava_dir, device="cpu", device_map="cpu")  # its default "" fails on transformers 5
+    _setup_task(ref, docs)
+    assert ref.generate_until(_gen_requests(docs)) == out
+
+
+def test_loglikelihood(llava_dir, recipe_file, tmp_path):
+    docs = _docs(3)
+    lm = _make(f"pretrained={llava_dir},recipe={recipe_file}")
+    _setup_task(lm, docs, "toy_ll")
+    res = lm.loglikelihood(_ll_requests(docs))
+    assert len(res) == 3
+    for loss, greedy in res:
+        assert isinstance(loss, float) and math.isfinite(loss) and loss > 0 and isinstance(greedy, bool)
+    assert lm.tokencomp_summary()["tasks"]["toy_ll"]["vision_tokens_per_layer"][-1] == 8
+
+    # the loss computed here equals the model's own when nothing is dropped
+    keep_all = tmp_path / "keep-all.yaml"
+    keep_all.write_text(KEEP_ALL)
+    a = _make(f"pretrained={llava_dir},recipe={keep_all}")
+    b = _make(f"pretrained={llava_dir}")
+    for m in (a, b):
+        _setup_task(m, docs, "toy_ll")
+    ra, rb = a.loglikelihood(_ll_requests(docs)), b.loglikelihood(_ll_requests(docs))
+    for (la, ga), (lb, gb) in zip(ra, rb):
+        assert la == pytest.approx(lb, rel=1e-4, abs=1e-5) and ga == gb
+
+
+def test_loss_from_surviving_logits_matches_full_logits():
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from tokencomp.integrations.lmms_eval import TokencompModel
+
+    torch.manual_seed(0)
+    B, L, V = 2, 10, 7
+    full = torch.randn(B, L, V)
+    labels = torch.full((B, L), -100)
+    labels[:, 7:] = torch.randint(0, V, (B, 3))
+    # positions 2..4 were vision tokens; row 0 kept position 2, row 1 position 3
+    keep = [torch.tensor([0, 1, 2, 5, 6, 7, 8, 9]), torch.tensor([0, 1, 3, 5, 6, 7, 8, 9])]
+    pos = torch.stack(keep)
+    short = torch.stack([full[b, pos[b]] for b in range(B)])
+    out = TokencompModel._tc_with_loss(CausalLMOutputWithPast(logits=short), labels, pos)
+    ref = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.equal(out.logits[:, 5:], full[:, 5:])
+
+
+def test_bad_recipe_fails_before_loading(llava_dir, tmp_path):
+    import tokencomp
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scorer: v2dorp\nschedule: {stages: [{layer: 2, keep: 0.5}]}\n")
+    with pytest.raises(tokencomp.RecipeError, match="bad.yaml:1"):
+        _make(f"pretrained={llava_dir},recipe={bad}")
