@@ -718,3 +718,27 @@ def test_quota_keeps_every_video_frame(family):
         frames = set(groups[b][groups[b] >= 0].tolist())
         assert len(frames) > 2
         assert set(groups[b][forward[b]].tolist()) == frames
+
+
+def test_stats_are_per_thread():
+    """Each thread reads the stats of its own last forward."""
+    model = tiny("qwen2_vl")
+    small = make_inputs(model, batch=1, image_sizes=[(56, 112)])
+    large = make_inputs(model, batch=1, image_sizes=[(112, 224)])
+    seen = {}
+    with torch.no_grad(), tokencomp.apply(model, recipe()) as h:
+        barrier = threading.Barrier(2)
+
+        def run(name, inputs):
+            with torch.no_grad():
+                model(**inputs)
+            barrier.wait()  # both forwards done before either reads
+            seen[name] = h.stats.vision_tokens_per_layer[0][0]
+
+        threads = [threading.Thread(target=run, args=a) for a in (("small", small), ("large", large))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert "Handle applied" in repr(h)
+    assert seen == {"small": 8, "large": 32}

@@ -141,7 +141,7 @@ class Handle:
             raise UnsupportedModelError(f"{type(model).__name__}: the adapter found no image/video token id in the config")
         self._check_supported()
         self.kind = M.mask_kind(self.text_config._attn_implementation)
-        self.stats = Stats()
+        self._last_stats = Stats()
         self._tls = threading.local()
         self._hooks: list = []
         self._undo: list = []
@@ -209,8 +209,17 @@ class Handle:
             self.remove()
             raise
 
+    @property
+    def stats(self) -> Stats:
+        """What the last compressed forward *of this thread* did (or of any thread, if this one ran none)."""
+        return getattr(self._tls, "stats", None) or self._last_stats
+
     def remove(self) -> None:
-        """Remove every hook and patch; the model is exactly as before :func:`apply`."""
+        """Remove every hook and patch; the model is exactly as before :func:`apply`.
+
+        A KV cache filled while the recipe was applied holds compacted layers: finish generating
+        with it before removing (decoding it afterwards would see mismatched lengths).
+        """
         if self._removed:
             return
         self._removed = True
@@ -223,6 +232,11 @@ class Handle:
         with _active_lock:
             if _active.get(self.model) is self:
                 del _active[self.model]
+
+    def __repr__(self) -> str:
+        stages = ", ".join(f"{s.layer}:{s.keep:g}/{s.scorer.name}" for s in self.stages)
+        state = "removed" if self._removed else "applied"
+        return f"<tokencomp.Handle {state} to {type(self.model).__name__}: {stages}>"
 
     def __enter__(self) -> "Handle":
         return self
@@ -508,7 +522,9 @@ class Handle:
             per_layer.append(cur)
         table = torch.stack(per_layer, dim=1).tolist() if per_layer else [[] for _ in range(B)]
         out_pos = state.idx if state.idx is not None else torch.arange(state.length).expand(B, -1)
-        self.stats = Stats(table, dict(state.kept), out_pos, state.length)
+        stats = Stats(table, dict(state.kept), out_pos, state.length)
+        self._tls.stats = stats
+        self._last_stats = stats
 
 
 def _clock(tensor: torch.Tensor) -> float:
@@ -540,15 +556,13 @@ def _attach(cache, meta: _CacheMeta) -> None:
     cache.reorder_cache = reorder_cache
 
 
-def apply(model: torch.nn.Module, recipe, **_unused) -> Handle:
+def apply(model: torch.nn.Module, recipe) -> Handle:
     """Apply a recipe (a :class:`Recipe`, path, shipped name, YAML text or dict) to ``model``.
 
     Everything is checked before the first forward: the model class (an adapter must exist), the
     recipe's layers against the decoder depth, the attention implementation and cache type.
     Returns a :class:`Handle`; use it as a context manager or call ``remove()``.
     """
-    if _unused:
-        raise TypeError(f"apply() got unexpected arguments: {', '.join(_unused)}")
     handle = Handle(model, load_recipe(recipe))
     handle._install()
     return handle
