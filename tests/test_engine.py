@@ -742,3 +742,27 @@ def test_stats_are_per_thread():
             t.join()
         assert "Handle applied" in repr(h)
     assert seen == {"small": 8, "large": 32}
+
+
+def test_misbehaving_scorer_plugin_gets_a_clear_error(in_process_plugin):
+    """A third-party scorer returning the wrong shape is named in the error."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Flat(tokencomp.Scorer):
+        """Returns one score per sample instead of per token."""
+
+        name = "flat_test"
+
+        def score(self, view):
+            return view.hidden.sum((1, 2))
+
+    class Plugin:
+        @tokencomp.hookimpl
+        def register_scorers(self, register):
+            register(Flat)
+
+    in_process_plugin(Plugin(), "flat-test")
+    model = tiny("llava")
+    with tokencomp.apply(model, recipe("flat_test")), pytest.raises(tokencomp.TokencompError, match="flat_test.*expected a \\(B, S\\)"):
+        model(**make_inputs(model))

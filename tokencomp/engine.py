@@ -32,7 +32,7 @@ import torch
 
 from . import masks as M
 from .accounting import kept_count
-from .errors import UnsupportedModelError
+from .errors import TokencompError, UnsupportedModelError
 from .interfaces import LayerView, Stage
 from .plugins import registry
 from .probes import attention_rows
@@ -452,7 +452,13 @@ class Handle:
             scores = kept.float()
         elif bool(n.any()):
             scores = stage.scorer.score(view)
-            kept = stage.selector.select(scores, view, budget) & cand
+            if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, S):
+                got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+                raise TokencompError(f"scorer {stage.scorer.name!r} returned {got}; expected a (B, S) = {(B, S)} tensor")
+            kept = stage.selector.select(scores, view, budget)
+            if not isinstance(kept, torch.Tensor) or kept.shape != cand.shape or kept.dtype != torch.bool:
+                raise TokencompError(f"selector {stage.selector.name!r} must return a (B, S) bool tensor")
+            kept = kept & cand
         else:
             scores = torch.zeros(B, S, device=dev)
             kept = torch.zeros_like(cand)
