@@ -16,6 +16,12 @@ import pytest
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'tokencomp[eval]')")
 pytest.importorskip("decord", reason="lmms-eval's LLaVA/Qwen model modules need decord (lmms-eval[video-legacy])")
+try:
+    import torchvision  # noqa: F401
+except ImportError:
+    pass  # fine: transformers falls back to its PIL image processors
+except Exception as exc:  # PyPI's torchvision is a CUDA build: next to a CPU torch it fails to load
+    pytest.skip(f"torchvision is installed but cannot load ({exc}); uninstall it on a CPU-only machine", allow_module_level=True)
 
 import torch  # noqa: E402
 from lmms_eval.api.instance import Instance  # noqa: E402
@@ -61,6 +67,12 @@ def _save_llava(path):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
     model = T.build_tiny("llava", layers=LAYERS)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        # larger random weights than the default init, so that answers depend on the image and prompt
+        torch.manual_seed(0)
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.2)
     side = model.config.vision_config.image_size
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
@@ -279,3 +291,132 @@ def test_bad_recipe_fails_before_loading(llava_dir, tmp_path):
     bad.write_text("scorer: v2dorp\nschedule: {stages: [{layer: 2, keep: 0.5}]}\n")
     with pytest.raises(tokencomp.RecipeError, match="bad.yaml:1"):
         _make(f"pretrained={llava_dir},recipe={bad}")
+
+
+# ------------------------------------------------------------------------------------------------
+# through lmms-eval's evaluator, on a synthetic task (local JSON data, images made from a seed)
+
+TASK_YAML = """\
+task: tokencomp_toy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function toy_utils.doc_to_visual
+doc_to_text: !function toy_utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 3
+  temperature: 0
+process_results: !function toy_utils.process_results
+metric_list:
+  - metric: exact
+    aggregation: mean
+    higher_is_better: true
+"""
+
+TASK_UTILS = """\
+import numpy as np
+from PIL import Image
+
+
+def doc_to_visual(doc):
+    rng = np.random.default_rng(doc["seed"])
+    return [Image.fromarray(rng.integers(0, 256, (96, 120, 3), dtype=np.uint8))]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"exact": float(results[0].strip() == doc["answer"])}
+"""
+
+
+@pytest.fixture
+def toy_task(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    data = folder / "toy.jsonl"
+    data.write_text("".join(json.dumps({"seed": i, "question": f"what is {i}?", "answer": "x"}) + "\n" for i in range(4)))
+    (folder / "tokencomp_toy.yaml").write_text(TASK_YAML.format(data=data))
+    (folder / "toy_utils.py").write_text(TASK_UTILS)
+    return str(folder)
+
+
+def test_simple_evaluate_model_tokencomp(llava_dir, recipe_file, toy_task):
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    res = simple_evaluate(
+        model="tokencomp", model_args=f"pretrained={llava_dir},recipe={recipe_file}", tasks=["tokencomp_toy"],
+        batch_size=2, device="cpu", task_manager=TaskManager(include_path=toy_task, include_defaults=False), log_samples=True,
+    )
+    assert res["results"]["tokencomp_toy"]["exact,none"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert len(res["samples"]["tokencomp_toy"]) == 4
+    assert all(isinstance(s["resps"][0][0], str) for s in res["samples"]["tokencomp_toy"])
+    thr = res["throughput"]  # tokencomp's statistics in lmms-eval's results
+    assert thr["avg_tokencomp_samples"] == 4 and thr["avg_tokencomp_vision_tokens_in"] == 64
+    assert thr["avg_tokencomp_vision_tokens"] == pytest.approx(34.667, abs=1e-3)
+    assert thr["avg_tokencomp_prefill_flops_ratio"] < 1
+
+
+def test_tokencomp_eval_table(llava_dir, recipe_file, toy_task, tmp_path, capsys):
+    from tokencomp.cli import main
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", llava_dir, "--recipes", recipe_file, "--tasks", "tokencomp_toy", "--out", str(out),
+            "--batch-size", "2", "--device", "cpu", "--include-path", toy_task]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "[1/2] vanilla: evaluating" in text and "[2/2] tiny: evaluating" in text
+    md = (out / "table.md").read_text()
+    assert "tokencomp_toy (exact)" in md and "% of vanilla" in md
+    rows = {r["run"]: r for r in __import__("csv").DictReader((out / "table.csv").open())}
+    assert float(rows["vanilla"]["vision_tokens"]) == 64 and float(rows["vanilla"]["prefill_flops"]) == 1
+    assert float(rows["tiny"]["vision_tokens"]) == pytest.approx(34.667, abs=1e-3)
+    assert float(rows["tiny"]["prefill_flops"]) < 1
+    vanilla = json.loads((out / "vanilla" / "result.json").read_text())
+    assert vanilla["tasks"]["tokencomp_toy"]["metric"] == "exact"
+
+    # resumable: finished runs are not evaluated again
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "[1/2] vanilla: done before" in text and "[2/2] tiny: done before" in text
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava_onevision"])
+def test_statistics_on_other_families(family, recipe_file):
+    """The hooks and statistics of the Qwen / OneVision classes, on a ragged padded batch.
+
+    lmms-eval's ``Qwen2_VL.__init__`` needs a Qwen processor, which transformers cannot build
+    without torchvision (absent on CPU-only machines), so the model is put in place by hand here
+    instead of being loaded by the parent class.
+    """
+    import tokencomp
+    from tokencomp.integrations import lmms_eval as integ
+
+    cls = integ.model_class(integ.MODEL_TYPES[family])
+    lm = cls.__new__(cls)
+    lm._model = T.build_tiny(family, layers=LAYERS)
+    lm.batch_size_per_gpu = 2
+    lm._tc_recipe, lm._tc_recipe_arg, lm._tc_stats_path = tokencomp.load_recipe(recipe_file), recipe_file, None
+    lm._tc_setup()
+    sizes = {"qwen2_vl": [(112, 224), (56, 112)], "qwen2_5_vl": [(112, 224), (56, 112)], "llava_onevision": [(56, 112), (112, 112)]}
+    inputs = T.make_inputs(lm.model, batch=2, image_sizes=sizes[family], padding="left")
+    n = torch.isin(inputs["input_ids"], torch.tensor(T.vision_token_ids(lm.model))).sum(1).tolist()
+    assert n[0] != n[1]
+    lm._tc_task = "toy"
+    lm.model.generate(**inputs, max_new_tokens=2, do_sample=False, suppress_tokens=T.suppress_ids(lm.model))
+    o = lm.tokencomp_summary()["tasks"]["toy"]
+    assert o["samples"] == 2 and o["vision_tokens_in"] == sum(n) / 2
+    assert o["vision_tokens_per_layer"][2] == sum(k // 2 for k in n) / 2
+    assert o["prefill_flops_ratio"] < 1
+    model = lm.model
+    lm.tokencomp_remove()
+    assert not model._forward_hooks and not model._forward_pre_hooks

@@ -53,6 +53,10 @@ def add_commands(sub) -> None:
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table (for BENCHMARKS.md)")
     p.set_defaults(func=cmd_bench)
 
+    from .evaltable import add_eval_command  # `tokencomp eval` (lmms-eval imported only when it runs)
+
+    add_eval_command(sub)
+
 
 # ------------------------------------------------------------------------------------------------
 # bench

@@ -80,7 +80,10 @@ MODEL_TYPES = {
     "qwen3_vl": "qwen3_vl",
 }
 
-_VANILLA = {None, "", "none", "vanilla", "None"}
+
+
+def _is_vanilla(recipe) -> bool:
+    return recipe is None or (isinstance(recipe, str) and recipe.strip().lower() in ("", "none", "vanilla"))
 
 
 def manifests():
@@ -165,9 +168,9 @@ class TokencompModel:
     def __init__(self, *args, recipe: Optional[str] = None, stats_path: Optional[str] = None, base: Optional[str] = None, **kwargs):
         import tokencomp  # recipes are checked before the (slow) model load
 
-        self._tc_recipe = None if recipe in _VANILLA else tokencomp.load_recipe(recipe)
+        self._tc_recipe = None if _is_vanilla(recipe) else tokencomp.load_recipe(recipe)
         super().__init__(*args, **kwargs)
-        self._tc_recipe_arg = None if recipe in _VANILLA else str(recipe)
+        self._tc_recipe_arg = None if self._tc_recipe is None else (recipe if isinstance(recipe, str) else self._tc_recipe.name)
         self._tc_stats_path = stats_path
         self._tc_setup()
 
@@ -194,12 +197,10 @@ class TokencompModel:
             model.register_forward_pre_hook(self._tc_pre, with_kwargs=True, prepend=True),
             model.register_forward_hook(self._tc_post, with_kwargs=True, always_call=True),
         ]
-        tok = getattr(getattr(self, "processor", None), "tokenizer", None) or getattr(self, "_tokenizer", None)
-        if tok is not None and int(self.batch_size) > 1:
-            tok.padding_side = "left"  # batched generation needs left padding
-            proc_tok = getattr(getattr(self, "processor", None), "tokenizer", None)
-            if proc_tok is not None:
-                proc_tok.padding_side = "left"
+        if int(self.batch_size) > 1:  # batched generation needs left padding (some checkpoints say right)
+            for tok in (getattr(getattr(self, "processor", None), "tokenizer", None), getattr(self, "_tokenizer", None)):
+                if tok is not None:
+                    tok.padding_side = "left"
 
     def tokencomp_remove(self) -> None:
         """Remove the recipe and the statistics hooks (the model is left as the parent loaded it)."""
@@ -419,16 +420,45 @@ class _LlavaHfBatching:
                 device_map = str(device)
         super().__init__(*args, device=device, device_map=device_map, **kwargs)
 
-    def _llava_prompt(self, context: str, n_images: int) -> str:
+    def _llava_prompt(self, context: str, n_images: int, continuation: Optional[str] = None) -> str:
         from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, VICUNA_CHAT_TEMPLATE
 
-        if n_images and DEFAULT_IMAGE_TOKEN not in context:
+        if n_images and (continuation is not None or DEFAULT_IMAGE_TOKEN not in context):
             context = " ".join([DEFAULT_IMAGE_TOKEN] * n_images) + "\n" + context
         if self.chat_template is not None:
             self.tokenizer.chat_template = self.chat_template
         elif self.tokenizer.chat_template is None:
             self.tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": context}], tokenize=False, add_generation_prompt=True)
+        messages = [{"role": "user", "content": context}]
+        if continuation is None:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages.append({"role": "assistant", "content": continuation})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+    def loglikelihood(self, requests):
+        """``LlavaHf.loglikelihood``'s prompts and result convention (mean continuation loss, greedy
+        match), which lmms-eval 0.7.3 cannot run on transformers 5 (it calls the processor on
+        ``<image>`` text without images to measure the context length)."""
+        from tqdm import tqdm
+
+        res = []
+        for req in tqdm(requests, disable=(self.rank != 0), desc="Model Responding"):
+            context, target, doc_to_visual, doc_id, task, split = req.args
+            doc = self.task_dict[task][split][doc_id]
+            continuation = target if isinstance(target, str) else target(doc)
+            visuals = self.flatten([doc_to_visual(doc)])
+            images = visuals or None
+            ctx_len = self._image_processor(images=images, text=[self._llava_prompt(context, len(visuals))], return_tensors="pt")["input_ids"].shape[1]
+            inputs = self._image_processor(images=images, text=[self._llava_prompt(context, len(visuals), continuation)], return_tensors="pt")
+            inputs = inputs.to(self._device, self.model.dtype)
+            ids = inputs["input_ids"]
+            labels = ids.clone()
+            labels[:, :ctx_len] = -100
+            with torch.inference_mode():
+                out = self.model(**inputs, labels=labels)
+            greedy = out["logits"][:, ctx_len - 1 : -1].argmax(dim=-1)
+            res.append((float(out["loss"].item()), bool((greedy == ids[:, ctx_len:]).all())))
+        return res
 
     def generate_until(self, requests):
         if int(self.batch_size) <= 1:
