@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from .interfaces import token_runs
+
 
 def demo_picture(size: int) -> torch.Tensor:
     """A deterministic, real-looking ``(3, size, size)`` picture in [0, 1]: sky, sun, hills, a house."""
@@ -76,18 +78,6 @@ class Region:
     positions: torch.Tensor
 
 
-def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) of each run of True in a 1-D bool tensor."""
-    out, start = [], None
-    for i, v in enumerate(mask.tolist() + [False]):
-        if v and start is None:
-            start = i
-        elif not v and start is not None:
-            out.append((start, i))
-            start = None
-    return out
-
-
 def _grid(start: int, rows: int, cols: int) -> torch.Tensor:
     return torch.arange(start, start + rows * cols).view(rows, cols)
 
@@ -105,7 +95,7 @@ def token_layout(model, inputs: dict, sample: int = 0) -> list[Region]:
     vid_id = getattr(cfg, "video_token_id", getattr(cfg, "video_token_index", None))
     if name.startswith("Qwen"):
         return _qwen_layout(cfg, inputs, sample, ids, img_id, vid_id)
-    runs = _runs(ids == img_id)
+    runs = [(a, b) for a, b, _ in token_runs(ids == img_id)]
     if name == "LlavaForConditionalGeneration":
         out = []
         for i, (a, b) in enumerate(runs):

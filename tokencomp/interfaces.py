@@ -52,6 +52,24 @@ class LayerView:
     """Fraction of the live vision tokens this stage keeps."""
 
 
+def token_runs(mask: torch.Tensor, ids: Optional[torch.Tensor] = None) -> list[tuple[int, int, Optional[int]]]:
+    """``(start, end, token)`` of each run of True in the 1-D ``mask``; with ``ids`` a run also ends
+    where the token id changes (an image placeholder run may touch a video run)."""
+    flags = mask.tolist()
+    toks = ids.tolist() if ids is not None else [None] * len(flags)
+    out, pos, L = [], 0, len(flags)
+    while pos < L:
+        if not flags[pos]:
+            pos += 1
+            continue
+        end = pos
+        while end < L and flags[end] and toks[end] == toks[pos]:
+            end += 1
+        out.append((pos, end, toks[pos]))
+        pos = end
+    return out
+
+
 class _Plugin:
     """Shared helpers of plugin classes: name and parameter introspection."""
 

@@ -9,7 +9,7 @@ import math
 import torch
 
 import tokencomp
-from tokencomp.interfaces import ModelAdapter
+from tokencomp.interfaces import ModelAdapter, token_runs
 
 
 class LlavaAdapter(ModelAdapter):
@@ -40,14 +40,8 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         out = torch.full_like(input_ids, -1)
         ft = self._frame_tokens
         for b in range(input_ids.shape[0]):
-            group, pos, row, L = 0, 0, vision_mask[b].tolist(), input_ids.shape[1]
-            while pos < L:
-                if not row[pos]:
-                    pos += 1
-                    continue
-                end, tok = pos, int(input_ids[b, pos])
-                while end < L and row[end] and int(input_ids[b, end]) == tok:  # an image may touch a video
-                    end += 1
+            group = 0
+            for pos, end, tok in token_runs(vision_mask[b], input_ids[b]):  # an image may touch a video
                 if tok == self._video_id:
                     # frames x ft pooled tokens, then one newline that joins the last frame
                     frames = max(1, (end - pos - 1) // ft)
@@ -57,7 +51,6 @@ class LlavaOnevisionAdapter(LlavaAdapter):
                 else:
                     out[b, pos:end] = group
                     group += 1
-                pos = end
         return out
 
 

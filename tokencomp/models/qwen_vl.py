@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 import tokencomp
-from tokencomp.interfaces import ModelAdapter
+from tokencomp.interfaces import ModelAdapter, token_runs
 from tokencomp.masks import gather_seq
 
 
@@ -46,16 +46,9 @@ class QwenVLAdapter(ModelAdapter):
         frames = iter(frame_sizes)
         out = groups.clone()
         for b in range(vision_mask.shape[0]):
-            g, pos, row = 0, 0, input_ids[b]
-            L = row.shape[0]
-            while pos < L:
-                if not bool(vision_mask[b, pos]):
-                    pos += 1
-                    continue
-                end = pos
-                while end < L and bool(vision_mask[b, end]):
-                    end += 1
-                if int(row[pos]) == video_id:
+            g = 0
+            for pos, end, tok in token_runs(vision_mask[b], input_ids[b]):
+                if tok == video_id:
                     p = pos
                     while p < end:
                         size = next(frames, end - p)
@@ -64,7 +57,6 @@ class QwenVLAdapter(ModelAdapter):
                 else:
                     out[b, pos:end] = g
                     g += 1
-                pos = end
         return out
 
     def install(self, model, engine):
