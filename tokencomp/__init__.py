@@ -7,7 +7,7 @@
         print(handle.stats)
 """
 
-from .errors import PluginError, RecipeError, TokencompError, UnsupportedModelError
+from .errors import PluginError, RecipeError, TokencompError, UnsupportedModelError, UsageError
 from .hookspecs import hookimpl
 from .interfaces import LayerView, ModelAdapter, Schedule, Scorer, Selector, Stage
 from .recipe import Recipe, default_recipe, load_recipe, shipped_recipes
@@ -30,6 +30,7 @@ __all__ = [
     "PluginError",
     "TokencompError",
     "UnsupportedModelError",
+    "UsageError",
     "shipped_recipes",
 ]
 

@@ -1,4 +1,13 @@
-"""Exception types raised by tokencomp. Every user-facing failure is one of these."""
+"""Exception types raised by tokencomp. Every user-facing failure is one of these.
+
+* :class:`RecipeError` — a recipe is malformed (``file:line:`` message);
+* :class:`PluginError` — a plugin failed to load, clashes with another, or broke its contract at run
+  time (wrong shape, NaN scores, a modified view);
+* :class:`UnsupportedModelError` — the model, cache, attention kind or inputs are outside what the
+  engine supports;
+* :class:`UsageError` — the API or the command line was used wrongly (an invalid argument, a recipe
+  applied twice, a compacted KV cache used with another or a removed handle).
+"""
 
 from __future__ import annotations
 
@@ -18,8 +27,15 @@ class RecipeError(TokencompError, ValueError):
 
 
 class PluginError(TokencompError):
-    """A plugin failed to import or register, or two plugins claim the same name."""
+    """A plugin failed to import or register, two plugins claim the same name, or a plugin broke its
+    contract during a forward (the message names the plugin and the layer)."""
 
 
 class UnsupportedModelError(TokencompError, NotImplementedError):
     """The model (class, cache type, attention kind, layer type) is not supported by the engine."""
+
+
+class UsageError(TokencompError, ValueError, RuntimeError):
+    """The API or the command line was used wrongly: an invalid argument or input shape, a recipe
+    applied twice, a compacted KV cache reused after ``remove()`` or under another handle.
+    (Also a ``ValueError`` and a ``RuntimeError``, the types such misuse raised before.)"""
