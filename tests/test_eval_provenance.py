@@ -62,6 +62,7 @@ def test_limit_change_reruns_and_same_args_reuse(lmms, tmp_path, capsys):
     assert [c["limit"] for c in lmms] == [90, 90]
     prov = json.loads((out / "r" / "provenance.json").read_text())  # written next to result.json
     assert prov["limit"] == 90 and prov["model"] == "m" and prov["tasks"] == ["a"]
+    assert json.loads((out / "r" / "result.json").read_text())["tasks"] == {"a": {"metric": "acc", "score": 0.6}}
     capsys.readouterr()
     assert _eval(out, "--recipes", r) == 0
     err = capsys.readouterr().err
@@ -88,9 +89,11 @@ def test_other_model_or_added_task_reruns(lmms, tmp_path, capsys):
     ("--batch-size", "1", "4", "batch_size changed 1 -> 4"),
     ("--model-args", "attn_implementation=eager", "attn_implementation=sdpa", "model_args changed"),
     ("--device", "cpu", "cuda:1", "device changed cpu -> cuda"),
+    ("--include-path", "tasks1", "tasks2", "include_path changed"),
 ])
-def test_other_settings_rerun(lmms, tmp_path, capsys, flag, old, new, what):
+def test_other_settings_rerun(lmms, tmp_path, capsys, monkeypatch, flag, old, new, what):
     out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
     assert _eval(out, flag, old) == 0
     assert _eval(out, flag, new) == 0
     assert what in capsys.readouterr().err and len(lmms) == 2
@@ -257,3 +260,17 @@ def test_every_recipe_loads_before_the_first_run(lmms, tmp_path, capsys):
     bad = _recipe(tmp_path / "bad.yaml", RECIPE.replace("keep", "kepe"))
     assert _eval(tmp_path / "out", "--recipes", good1, good2, bad) == 2
     assert "bad.yaml:4:" in capsys.readouterr().err and not lmms
+
+
+def test_other_ranks_take_part_in_every_run(lmms, tmp_path, monkeypatch):
+    real = sys.modules["lmms_eval.evaluator"].simple_evaluate
+
+    def other_rank(**kw):  # lmms-eval returns None on ranks other than 0
+        real(**kw)
+        return None
+
+    monkeypatch.setattr(sys.modules["lmms_eval.evaluator"], "simple_evaluate", other_rank)
+    out = tmp_path / "out"
+    assert _eval(out, "--recipes", _recipe(tmp_path / "r.yaml")) == 0
+    assert len(lmms) == 2  # not only the first: rank 0 would wait for this rank forever
+    assert not (out / "table.md").exists() and not (out / "r" / "result.json").exists()

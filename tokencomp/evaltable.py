@@ -1,20 +1,19 @@
 """``tokencomp eval``: vanilla + each recipe through lmms-eval's Python API, then a paper-style table.
 
-Each run (``vanilla`` and one per recipe) is ``lmms_eval.evaluator.simple_evaluate`` with
-``--model tokencomp``; its scores and tokencomp statistics go to ``OUT/<run>/result.json`` and what
-produced them to ``OUT/<run>/provenance.json`` (model, canonical recipe hash, tasks, limit, model
-args, batch size, device type, include path, tokencomp / lmms-eval / transformers versions). A
-finished run is reused only when its provenance matches the current arguments; otherwise it is run
-again, with the reason on stderr. A ``result.json`` or ``provenance.json`` that cannot be read
-counts as missing (re-run, note on stderr). The table (per-task score, average vision tokens over
-the decoder layers, prefill FLOPs ratio, and the mean over tasks of score / vanilla score) is
-printed and written as ``OUT/table.md`` and ``OUT/table.csv``. lmms-eval is imported only when the
+Each run is ``lmms_eval.evaluator.simple_evaluate`` with ``--model tokencomp``. Its scores and
+statistics go to ``OUT/<run>/result.json``, and what they depend on to ``OUT/<run>/provenance.json``
+(model, canonical recipe hash, tasks, limit, model args, batch size, device type, include path,
+tokencomp / lmms-eval / transformers versions). A finished run is reused only if its provenance
+matches the current arguments; otherwise it runs again and stderr says why. An unreadable
+``result.json`` or ``provenance.json`` counts as missing (re-run, with a note). The table (score
+per task, average vision tokens, prefill FLOPs ratio, mean of score / vanilla score over tasks) is
+printed and written to ``OUT/table.md`` and ``OUT/table.csv``. lmms-eval is imported only when the
 command runs.
 
-Run names: a recipe's file stem (or its shipped name); recipes whose names clash get their parent
-folder as prefix (``exp1-r``), then a hash suffix. A recipe never gets the name ``vanilla`` (it
-becomes ``recipe-vanilla``). Names depend on the set of recipes given, so adding a clashing
-recipe later renames (and re-runs) the first one.
+Run names: the recipe file's stem, or the shipped name. Names that clash get the parent folder as a
+prefix (``exp1-r``), then a hash suffix. A recipe is never named ``vanilla`` (it becomes
+``recipe-vanilla``). Names depend on the whole set of recipes, so adding a clashing recipe later
+renames, and re-runs, the first one.
 """
 
 from __future__ import annotations
@@ -40,10 +39,12 @@ def add_eval_command(sub) -> None:
     p.add_argument("--model", required=True, help="checkpoint id or path (pretrained=)")
     p.add_argument("--recipes", nargs="+", default=[], metavar="RECIPE", help="shipped names or paths")
     p.add_argument("--tasks", required=True, help="lmms-eval tasks, comma separated")
-    p.add_argument("--out", default="tokencomp-eval", help="folder for per-run results and the table")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--out", default="tokencomp-eval",
+                   help="folder for the table and one folder per run (result.json, provenance.json); a run whose "
+                        "provenance matches these arguments is reused, any other is run again")
+    p.add_argument("--batch-size", type=int, default=1, help="lmms-eval batch size (>= 1)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--limit", type=float, default=None, help="examples per task (for quick checks)")
+    p.add_argument("--limit", type=float, default=None, help="examples per task, or a fraction below 1 (for quick checks)")
     p.add_argument("--model-args", default="", help="extra lmms-eval model args, k=v,... (e.g. attn_implementation=sdpa)")
     p.add_argument("--include-path", default=None, help="folder of extra lmms-eval task YAMLs")
     p.add_argument("--metrics", default="", help="task=metric,... for the table (default: each task's first metric)")
@@ -99,8 +100,10 @@ def run_names(recipes: list[str]) -> list[str]:
 
 def _canonical(obj: Any) -> Any:
     """JSON-able content of a recipe part: plugin names and parameters, no source, lines or names."""
+    from .recipe import Recipe
+
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        skip = ("source", "name", "description") if type(obj).__name__ == "Recipe" else ()
+        skip = ("source", "name", "description") if isinstance(obj, Recipe) else ()
         fields = {f.name: _canonical(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.compare and f.name not in skip}
         plugin = getattr(type(obj), "name", None)
         return {"plugin": plugin if isinstance(plugin, str) else type(obj).__qualname__, **fields}
@@ -275,7 +278,14 @@ def _run(args, parsed: dict, recipe: Optional[str], folder: Path, device: str) -
     if res is None:  # non-zero rank under a distributed launch
         return {}
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    return {"model": args.model, "recipe": recipe, "results": res["results"], "tokencomp": stats}
+    wanted = parsed["metrics"]
+    return {
+        "model": args.model,
+        "recipe": recipe,
+        "tasks": {t: dict(zip(("metric", "score"), _primary(r, wanted.get(t)))) for t, r in res["results"].items()},
+        "results": res["results"],
+        "tokencomp": stats,
+    }
 
 
 def build_table(records: dict[str, dict], tasks: list[str]) -> list[dict]:
@@ -349,6 +359,7 @@ def cmd_eval(args) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tasks = parsed["tasks"]
     records: dict[str, dict] = {}
+    main_process = True
     for i, (name, recipe, recipe_obj) in enumerate(runs, 1):
         folder = out / name
         prov = provenance(args, parsed, recipe, recipe_obj, device)
@@ -367,11 +378,14 @@ def cmd_eval(args) -> int:
         # Until the new result is written, no provenance may vouch for the old one.
         (folder / "provenance.json").unlink(missing_ok=True)
         rec = _run(args, parsed, recipe, folder, device)
-        if not rec:
-            return 0  # not the main process
+        if not rec:  # another rank of a distributed launch: it must take part in every run, writes nothing
+            main_process = False
+            continue
         _write(folder / "result.json", rec)
         _write(folder / "provenance.json", prov)
         records[name] = rec
+    if not main_process:
+        return 0
     wanted = parsed["metrics"]
     for rec in records.values():  # the metric is chosen now, so --metrics applies to finished runs too
         rec["tasks"] = {t: dict(zip(("metric", "score"), _primary(r, wanted.get(t)))) for t, r in rec["results"].items()}
