@@ -24,7 +24,7 @@ from tokencomp.recipe import Recipe, shipped_recipes
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = "v2drop/llava-1.5-7b-192"
 S = "schedule: {stages: [{layer: 3, keep: 0.5}]}\n"
-LOCATED = re.compile(r"^[^:\n]+:\d+: ")
+LOCATED = re.compile(r"^[^\n]+:\d+: [^\n]+$")  # one line; a path may contain ":" (C:\\...)
 
 # (id, recipe text, line of the error, regex the reason must contain)
 CASES = [
@@ -47,7 +47,7 @@ CASES = [
     # wrong types
     ("keep-string", "schedule:\n  stages:\n    - {layer: 3, keep: half}\n", 3, r"keep must be a number, got 'half'"),
     ("keep-bool", "schedule:\n  stages:\n    - {layer: 3, keep: true}\n", 3, r"keep must be a number, got True"),
-    ("keep-nan", "schedule:\n  stages:\n    - {layer: 3, keep: .nan}\n", 3, r"keep must be a number, got nan"),
+    ("keep-nan", "schedule:\n  stages:\n    - {layer: 3, keep: .nan}\n", 3, r"keep must be a finite number, got nan"),
     ("layer-float", "schedule:\n  stages:\n    - keep: 0.5\n      layer: 2.5\n", 4, r"layer must be an integer, got 2\.5"),
     ("layer-string", "schedule:\n  stages:\n    - {layer: '3', keep: 0.5}\n", 3, r"layer must be an integer, got '3'"),
     ("metric-int", "scorer:\n  name: v2drop\n  metric: 3\n" + S, 3, r"scorer 'v2drop' parameter 'metric' must be one of 'l2', 'l1', 'cosine', got 3"),
@@ -88,7 +88,7 @@ CASES = [
     ("scalar-document", "just some words\n", 1, r"must be a mapping .*got str 'just some words'"),
     ("null-document", "---\n", 1, r"must be a mapping .*got null"),
     # named schedules
-    ("named-schedule-bad-value", "schedule:\n  name: budget\n  tokens: -5\n", 2, r"invalid schedule 'budget': tokens must be between 0 and vision_tokens \(576\), got -5"),
+    ("named-schedule-bad-value", "schedule:\n  name: budget\n  tokens: -5\n", 2, r"invalid schedule 'budget': tokens must be .*got -5"),
     ("named-schedule-bad-type", "schedule:\n  name: budget\n  tokens: many\n", 3, r"schedule 'budget' parameter 'tokens' must be a number, got 'many'"),
     ("named-schedule-list-item", "schedule:\n  name: v2drop\n  keep:\n    - 0.5\n    - x\n    - 0\n", 5, r"schedule 'v2drop' parameter 'keep'\[1\] must be a number, got 'x'"),
     ("named-schedule-inconsistent", "schedule:\n  name: v2drop\n  keep: [0.5, 0.3]\n", 2, r"invalid schedule 'v2drop': keep has 2 entries but depth has 3"),
@@ -136,7 +136,7 @@ def test_too_deep_nesting_is_a_recipe_error():
 
 
 def test_unreadable_files_are_recipe_errors(tmp_path):
-    _raises(tmp_path / "missing.yaml", str(tmp_path / "missing.yaml"), 1, r"cannot read recipe")
+    _raises(tmp_path / "missing.yaml", str(tmp_path / "missing.yaml"), 1, r"^file not found: ")
     _raises(tmp_path, str(tmp_path), 1, r"cannot read recipe")
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes("name: caf\xe9\n".encode("latin-1"))
@@ -144,7 +144,8 @@ def test_unreadable_files_are_recipe_errors(tmp_path):
 
 
 def test_unknown_shipped_name_suggests_the_closest():
-    _raises("v2drop/llava-1.5-7b-19", "v2drop/llava-1.5-7b-19", 1, r"neither a file nor a shipped recipe \(did you mean 'v2drop/llava-1\.5-7b-192'\?\)")
+    _raises("v2drop/llava-1.5-7b-19", "v2drop/llava-1.5-7b-19", 1, r"^file not found: v2drop/llava-1\.5-7b-19 \(nor a shipped recipe: did you mean 'v2drop/llava-1\.5-7b-192'\?")
+    _raises("v2drop-llava", "v2drop-llava", 1, r"neither a file nor a shipped recipe \(did you mean")
 
 
 def test_wrong_python_type_is_a_recipe_error():

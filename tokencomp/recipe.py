@@ -1,22 +1,29 @@
 """YAML recipes: load, validate against the registered plugins, and resolve to stages.
 
-Every problem raises :class:`tokencomp.RecipeError` whose message starts with ``file:line:``.
+Every problem raises :class:`tokencomp.RecipeError` whose one-line message starts with ``file:line:``.
 Minimal recipe::
 
     scorer: NAME              # a scorer plugin name, or {name: NAME, <params>}; optional
-    selector: NAME            # optional; both default to the plugins marked `default`
+    selector: NAME            # optional; both default to the plugins marked `default` (also when null)
     schedule:                 # explicit stages, or a named schedule plugin with params
       stages:
         - {layer: 3, keep: 0.5}
         - {layer: 17, keep: 0.3}
         - {layer: 22, keep: 0.0}
+
+YAML is read with YAML 1.2 scalars (``true``/``false`` are the only booleans; ``5e-1`` and ``.5``
+are numbers; numbers are decimal only, see :class:`_Loader`), merge keys (``<<: *anchor``) work,
+and duplicate keys are errors. Plugin parameters are checked against the plugin's dataclass fields
+(type hints, and ``min`` / ``max`` field metadata: see :func:`build_plugin`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -53,11 +60,58 @@ class LList(list):
     lines: list
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core-schema scalars, restricted to plain decimal numbers.
+
+    PyYAML resolves plain scalars by YAML 1.1 rules: ``yes``/``on`` are booleans, ``5e-1`` is a
+    string, ``010`` is octal, ``1:30`` is 90 and ``2024-01-01`` a date. Here only ``true``/``false``
+    are booleans, ``~``/``null``/empty are null, and numbers are decimal: ``3``, ``-2``, ``0.5``,
+    ``.5``, ``5e-1``, ``1E0``, ``.inf``, ``.nan``. Hex, octal, binary, leading zeros, ``_`` and
+    ``:`` forms stay strings, so a field expecting a number rejects them (with a hint) instead of
+    silently reading another value.
+    """
+
+    yaml_implicit_resolvers: dict = {}
+
+
+_INT = r"[-+]?(?:0|[1-9][0-9]*)"
+_FLOAT = r"[-+]?(?:\.[0-9]+|(?:0|[1-9][0-9]*)(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
+for _tag, _pattern, _first in (
+    ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    ("int", _INT, "-+0123456789"),  # before float: a plain integer is an int
+    ("float", _FLOAT, "-+.0123456789"),
+    ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
+    ("merge", r"<<", "<"),
+):
+    _Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(rf"^(?:{_pattern})$"), list(_first))
+
+_MERGE, _MAP, _SEQ = "tag:yaml.org,2002:merge", "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"
+
+
 def _line_of(node) -> int:
     return node.start_mark.line + 1
 
 
+def _flat(text: str) -> str:
+    """``text`` on one line (messages quoted from plugins and PyYAML may span several)."""
+    return " ".join(str(text).split())
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    # str(exc) adds PyYAML's own position and a code snippet on further lines; keep the words only.
+    return _flat(" ".join(p for p in (exc.context, exc.problem) if p) or exc)
+
+
 _BUSY = object()
+
+
+def _scalar(node, source: str, constructor):
+    try:
+        return constructor.construct_object(node)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"YAML error: {_yaml_problem(exc)}", source=source, line=_line_of(node)) from None
+    except Exception:  # an explicit tag on a value it cannot read: `!!int abc`, `!!timestamp x`
+        raise RecipeError(f"YAML error: cannot read {node.value!r} as {node.tag}", source=source, line=_line_of(node)) from None
 
 
 def _convert(node, source: str, constructor, memo: Optional[dict] = None, at: Optional[int] = None):
@@ -66,6 +120,8 @@ def _convert(node, source: str, constructor, memo: Optional[dict] = None, at: Op
     # `at`: line of the key or list holding `node` (an alias node carries its anchor's position).
     memo = {} if memo is None else memo
     if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        if node.tag not in (_MAP, _SEQ):  # `!!set`, `!!omap`, `!custom {...}` would otherwise pass as plain
+            raise RecipeError(f"YAML tag {node.tag!r} is not supported in a recipe", source=source, line=at or _line_of(node))
         done = memo.get(id(node))
         if done is _BUSY:
             raise RecipeError(
@@ -79,16 +135,30 @@ def _convert(node, source: str, constructor, memo: Optional[dict] = None, at: Op
     if isinstance(node, yaml.MappingNode):
         out = LMap()
         out.line, out.lines = _line_of(node), {}
+        merged, merge_line = [], None
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise RecipeError("mapping keys must be plain names", source=source, line=_line_of(key_node))
-            key = constructor.construct_object(key_node)
+            if key_node.tag == _MERGE:
+                if merge_line is not None:
+                    raise RecipeError(f"duplicate key '<<' (first at line {merge_line})", source=source, line=_line_of(key_node))
+                merge_line = _line_of(key_node)
+                merged = _merge_sources(value_node, source, constructor, memo, merge_line)
+                continue
+            key = _scalar(key_node, source, constructor)
             if key in out:
                 raise RecipeError(
                     f"duplicate key {key!r} (first at line {out.lines[key]})", source=source, line=_line_of(key_node)
                 )
             out[key] = _convert(value_node, source, constructor, memo, _line_of(key_node))
             out.lines[key] = _line_of(key_node)
+        # YAML merge keys: keys written in the mapping win over merged ones, earlier merged mappings
+        # over later ones. A merged key keeps the line where its value is written (in the anchor).
+        for src in merged:
+            for key, value in src.items():
+                if key not in out:
+                    out[key] = value
+                    out.lines[key] = src.lines.get(key, merge_line)
         memo[id(node)] = out
         return out
     if isinstance(node, yaml.SequenceNode):
@@ -96,37 +166,61 @@ def _convert(node, source: str, constructor, memo: Optional[dict] = None, at: Op
         out.line, out.lines = _line_of(node), [_line_of(n) for n in node.value]
         memo[id(node)] = out
         return out
-    return constructor.construct_object(node)
+    return _scalar(node, source, constructor)
+
+
+def _merge_sources(node, source: str, constructor, memo: dict, line: int) -> list:
+    """The mappings a ``<<`` key merges: one mapping, or a list of mappings."""
+    items = node.value if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ else [node]
+    out = []
+    for item in items:
+        if not isinstance(item, yaml.MappingNode):
+            raise RecipeError("`<<` (YAML merge key) takes a mapping or a list of mappings, e.g. `<<: *anchor`", source=source, line=line)
+        out.append(_convert(item, source, constructor, memo, line))
+    return out
+
+
+_TAB_HINT = "; YAML does not allow tabs for indentation, indent with spaces"
 
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:
-    """Parse one YAML document keeping line numbers; duplicate keys and syntax errors are RecipeErrors."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        # A problem found at the end of the stream (an unclosed bracket or quote) is reported on the
-        # last line of the text, not on the line after it, with where the construct started.
-        last = max(1, len(text.splitlines()))
-        line = min(mark.line + 1, last) if mark is not None else 1
-        msg = f"YAML syntax error: {exc.problem or exc}"
-        if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
-            msg += f" ({exc.context} started at line {exc.context_mark.line + 1})"
-        raise RecipeError(msg, source=source, line=line) from None
-    except yaml.reader.ReaderError as exc:  # a character YAML does not allow
-        line = text.count("\n", 0, max(exc.position, 0)) + 1
-        raise RecipeError(f"YAML error: {exc}", source=source, line=line) from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"YAML error: {exc}", source=source, line=1) from None
-    except RecursionError:
-        raise RecipeError(_TOO_DEEP, source=source, line=1) from None
+    """Parse one YAML document keeping line numbers; duplicate keys and syntax errors are RecipeErrors.
+
+    Scalars are read as described in :class:`_Loader`; merge keys (``<<: *anchor``) are supported.
+    """
+    # PyYAML rejects tabs anywhere outside quoted and block scalars, but YAML allows them as
+    # separating white space inside a line (`keep:<TAB>0.5`, a tab before a comment). Each tab the
+    # scanner rejects after the first non-blank character of its line is read as a space, and the
+    # text is parsed again; a tab in the indentation stays an error. Line numbers are unchanged.
+    for _ in range(min(text.count("\t"), 1000) + 1):
+        try:
+            node = yaml.compose(text, Loader=_Loader)
+            break
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            tab = mark is not None and "'\\t'" in str(exc.problem) and text[mark.index : mark.index + 1] == "\t"
+            if tab and text[text.rfind("\n", 0, mark.index) + 1 : mark.index].strip():
+                text = text[: mark.index] + " " + text[mark.index + 1 :]
+                continue
+            # A problem found at the end of the stream (an unclosed bracket or quote) is reported on the
+            # last line of the text, not on the line after it, with where the construct started.
+            last = max(1, len(text.splitlines()))
+            line = min(mark.line + 1, last) if mark is not None else 1
+            msg = f"YAML syntax error: {_flat(exc.problem or exc)}"
+            if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
+                msg += f" ({_flat(exc.context)} started at line {exc.context_mark.line + 1})"
+            raise RecipeError(msg + (_TAB_HINT if tab else ""), source=source, line=line) from None
+        except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+            line = text.count("\n", 0, max(exc.position, 0)) + 1
+            raise RecipeError(f"YAML error: {_flat(str(exc).splitlines()[0])}", source=source, line=line) from None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"YAML error: {_flat(exc)}", source=source, line=1) from None
+        except RecursionError:
+            raise RecipeError(_TOO_DEEP, source=source, line=1) from None
     if node is None:
         raise RecipeError("the recipe is empty; it needs at least a `schedule`", source=source, line=1)
     try:
-        return _convert(node, source, yaml.SafeLoader(""))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise RecipeError(f"YAML error: {exc}", source=source, line=(mark.line + 1) if mark else 1) from None
+        return _convert(node, source, _Loader(""))
     except RecursionError:
         raise RecipeError(_TOO_DEEP, source=source, line=1) from None
 
@@ -158,7 +252,7 @@ def coerce(value: Any, hint: Any, what: str, source: str, line: Optional[int]) -
     origin = typing.get_origin(hint)
 
     def bad():
-        return RecipeError(f"{what} must be {_type_name(hint)}, got {value!r}", source=source, line=line)
+        return RecipeError(f"{what} must be {_type_name(hint)}, got {value!r}{_notation_hint(value)}", source=source, line=line)
 
     if hint is Any:
         return value
@@ -194,8 +288,8 @@ def coerce(value: Any, hint: Any, what: str, source: str, line: Optional[int]) -
         raise bad()
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if value != value or value in (float("inf"), float("-inf")):
-                raise bad()
+            if not math.isfinite(value):
+                raise RecipeError(f"{what} must be a finite number, got {value!r}", source=source, line=line)
             return float(value)
         raise bad()
     if hint is str:
@@ -203,6 +297,36 @@ def coerce(value: Any, hint: Any, what: str, source: str, line: Optional[int]) -
             return value
         raise bad()
     raise bad()
+
+
+_NUMBERISH = re.compile(r"[-+]?[0-9.][0-9a-zA-Z_.:+-]*")
+
+
+def _notation_hint(value: Any) -> str:
+    """Why a string that looks like a number was not read as one (see :class:`_Loader`)."""
+    if isinstance(value, str) and re.fullmatch(f"{_INT}|{_FLOAT}", value.strip()):
+        return " (a quoted string: write numbers without quotes)"
+    if isinstance(value, str) and _NUMBERISH.fullmatch(value.strip()):
+        return " (numbers are read in plain decimal only, like 16, 0.5 or 5e-1: not hex, octal, 1_000 or 1:30)"
+    if isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "y", "n"):
+        return " (only true and false are booleans)"
+    return ""
+
+
+def _check_bounds(value: Any, field: dataclasses.Field, what: str, source: str, line: Optional[int]) -> None:
+    """Enforce the ``min`` / ``max`` a plugin field declares in its metadata (inclusive bounds)."""
+    low, high = field.metadata.get("min"), field.metadata.get("max")
+    if low is None and high is None:
+        return
+    items = list(enumerate(value)) if isinstance(value, (tuple, list)) else [(None, value)]
+    for i, v in items:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue  # None or another type the hint allows: nothing to compare
+        name = what if i is None else f"{what}[{i}]"
+        if low is not None and v < low:
+            raise RecipeError(f"{name} must be >= {low}, got {v}", source=source, line=line)
+        if high is not None and v > high:
+            raise RecipeError(f"{name} must be <= {high}, got {v}", source=source, line=line)
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -214,7 +338,18 @@ def _recipe_key(field: dataclasses.Field) -> str:
 
 
 def build_plugin(kind: str, spec: Any, source: str, line: Optional[int], *, reserved: tuple[str, ...] = ()):
-    """Instantiate the ``kind`` plugin described by ``spec``: a name or ``{name: ..., <params>}``."""
+    """Class and checked keyword arguments of the ``kind`` plugin described by ``spec``: a name or
+    ``{name: ..., <params>}``.
+
+    Each parameter is checked against the type hint of the plugin's dataclass field, and against
+    the bounds the field may declare in its metadata, ``min`` and ``max`` (inclusive; for a list,
+    every item)::
+
+        min_keep: int = dataclasses.field(default=0, metadata={"min": 0})
+
+    Checks that involve several fields belong in the plugin's ``__post_init__``: a ``ValueError``
+    raised there becomes a :class:`RecipeError` at the plugin's line.
+    """
     if isinstance(spec, str):
         name, params, lines = spec, {}, {}
     elif isinstance(spec, dict):
@@ -230,10 +365,12 @@ def build_plugin(kind: str, spec: Any, source: str, line: Optional[int], *, rese
         )
     if not isinstance(name, str):
         raise RecipeError(f"{kind} name must be a string, got {name!r}", source=source, line=line)
+    if not name.strip():
+        raise RecipeError(f"{kind} name is empty (registered: {', '.join(registry().names(kind))})", source=source, line=line)
     try:
         cls = registry().get(kind, name)
     except PluginError as exc:
-        raise RecipeError(str(exc), source=source, line=line) from None
+        raise RecipeError(_flat(exc), source=source, line=line) from None
     fields = {_recipe_key(f): f for f in cls.params().values()}
     hints = _hints(cls)
     kwargs = {}
@@ -243,7 +380,9 @@ def build_plugin(kind: str, spec: Any, source: str, line: Optional[int], *, rese
             allowed = ", ".join(k for k in fields if k not in reserved) or "none"
             raise RecipeError(f"unknown parameter {key!r} for {kind} {name!r}; allowed: {allowed}", source=source, line=where)
         f = fields[key]
-        kwargs[f.name] = coerce(value, hints[f.name], f"{kind} {name!r} parameter {key!r}", source, where)
+        what = f"{kind} {name!r} parameter {key!r}"
+        kwargs[f.name] = coerce(value, hints[f.name], what, source, where)
+        _check_bounds(kwargs[f.name], f, what, source, where)
     return cls, kwargs, line
 
 
@@ -251,7 +390,7 @@ def _instantiate(cls, kwargs, kind, source, line):
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise RecipeError(f"invalid {kind} {cls.name!r}: {exc}", source=source, line=line) from None
+        raise RecipeError(f"invalid {kind} {cls.name!r}: {_flat(exc)}", source=source, line=line) from None
 
 
 def make_plugin(kind: str, spec: Any, source: str, line: Optional[int]):
@@ -385,8 +524,12 @@ def _from_tree(tree: Any, source: str) -> Recipe:
     for key in ("name", "description"):
         if key in tree and not isinstance(tree[key], str):
             raise RecipeError(f"{key} must be a string", source=source, line=lines.get(key, 1))
-    scorer = make_plugin("scorer", tree.get("scorer") or _default("scorer", source), source, lines.get("scorer", 1))
-    selector = make_plugin("selector", tree.get("selector") or _default("selector", source), source, lines.get("selector", 1))
+    # Only a missing key or null means "the default": '' and {} are mistakes, reported by make_plugin.
+    plugins = {}
+    for kind in ("scorer", "selector"):
+        spec = tree[kind] if tree.get(kind) is not None else _default(kind, source)
+        plugins[kind] = make_plugin(kind, spec, source, lines.get(kind, 1))
+    scorer, selector = plugins["scorer"], plugins["selector"]
     sched_spec, sline = tree["schedule"], lines.get("schedule", 1)
     if isinstance(sched_spec, dict) and "stages" in sched_spec:
         extra = [k for k in sched_spec if k not in ("stages", "name")]
@@ -398,8 +541,7 @@ def _from_tree(tree: Any, source: str) -> Recipe:
                 line=getattr(sched_spec, "lines", {}).get(bad, sline),
             )
         stages = _parse_stages(sched_spec["stages"], source, getattr(sched_spec, "lines", {}).get("stages", sline))
-        cls = registry().get("schedule", EXPLICIT)
-        schedule = cls(stages_=stages)
+        schedule = _instantiate(registry().get("schedule", EXPLICIT), {"stages_": stages}, "schedule", source, sline)
     else:
         schedule = _make_schedule(sched_spec, source, sline)
     return Recipe(scorer, selector, schedule, source, tree.get("name"), tree.get("description"), line=sline)
@@ -409,7 +551,7 @@ def _default(kind: str, source: str) -> str:
     try:
         return registry().default_name(kind)
     except PluginError as exc:
-        raise RecipeError(str(exc), source=source, line=1) from None
+        raise RecipeError(_flat(exc), source=source, line=1) from None
 
 
 def default_recipe() -> "Recipe":
@@ -441,23 +583,51 @@ def shipped_root():
 
 
 def shipped_recipes() -> dict[str, Any]:
-    """Shipped recipe names (``family/name`` without ``.yaml``) mapped to their files."""
+    """Shipped recipe names (``family/name`` without ``.yaml`` / ``.yml``) mapped to their files."""
     out = {}
 
     def walk(node, prefix):
         for child in node.iterdir():
             if child.is_dir():
                 walk(child, f"{prefix}{child.name}/")
-            elif child.name.endswith((".yaml", ".yml")):
+            elif child.name.endswith(_SUFFIXES):
                 out[prefix + child.name.rsplit(".", 1)[0]] = child
 
     walk(shipped_root(), "")
     return dict(sorted(out.items()))
 
 
+_SUFFIXES = (".yaml", ".yml")
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in _SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _reads_as_yaml(line: str) -> bool:
+    """Whether a one-line string is meant as YAML text: ``key: value``, ``{...}``, ``[...]``, a comment."""
+    s = line.strip()
+    return not s or s[0] in "{[#" or ": " in s or ":\t" in s or s.endswith(":")
+
+
 def load_recipe(recipe: Union[str, os.PathLike, dict, "Recipe"]) -> Recipe:
     """Load and validate a recipe from a path, a shipped recipe name, YAML text or a dict.
 
+    A string is read as the first of these that applies:
+
+    1. it has a line break: YAML text;
+    2. it names an existing file: that file;
+    3. it is a shipped recipe name (``family/name``, with or without ``.yaml`` / ``.yml``);
+    4. it ends in ``.yaml`` / ``.yml``: a missing file, ``file not found: <path>``;
+    5. it reads as one line of YAML (``key: value``, ``{...}``, ``[...]``, a comment, blank): YAML text;
+    6. it contains a path separator (``/`` or ``\\``) or starts with ``~``: ``file not found: <path>``;
+    7. it contains ``:``: YAML text (a lone scalar, reported as not a mapping);
+    8. otherwise a misspelt shipped name: an error with the closest shipped names.
+
+    So ``/data/exp:1/r.yaml`` and ``C:\\exp\\r.yaml`` are paths, never YAML text.
     Raises :class:`RecipeError` (message ``file:line: what is wrong and what is allowed``).
     """
     if isinstance(recipe, Recipe):
@@ -473,29 +643,44 @@ def load_recipe(recipe: Union[str, os.PathLike, dict, "Recipe"]) -> Recipe:
     if not isinstance(recipe, str):
         raise RecipeError(f"a recipe is a path, a shipped name, YAML text or a dict; got {type(recipe).__name__}")
     text = recipe
-    if text.strip() and "\n" not in text and ":" not in text:
-        if os.path.isfile(text):
-            return _load_file(Path(text))
-        shipped = shipped_recipes()
-        key = text[:-5] if text.endswith(".yaml") else text
-        if key in shipped:
-            res = shipped[key]
-            return _from_tree(parse_yaml(res.read_text(encoding="utf-8"), f"{key}.yaml"), f"{key}.yaml")
-        import difflib
-
-        close = difflib.get_close_matches(key, list(shipped), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RecipeError(f"{text!r} is neither a file nor a shipped recipe{hint}; `tokencomp recipes` lists them", source=text, line=1)
-    if "\n" not in text and os.path.isfile(text):
+    if "\n" in text or "\r" in text:
+        return _from_tree(parse_yaml(text, "<string>"), "<string>")
+    if os.path.isfile(text):
         return _load_file(Path(text))
-    return _from_tree(parse_yaml(text, "<string>"), "<string>")
+    shipped = shipped_recipes()
+    key = _strip_suffix(text)
+    if key in shipped:
+        res = shipped[key]
+        source = f"{key}.{res.name.rsplit('.', 1)[1]}"  # the shipped file's own suffix, whatever was asked
+        return _from_tree(parse_yaml(res.read_text(encoding="utf-8"), source), source)
+    yaml_suffix = text.lower().endswith(_SUFFIXES)
+    if not yaml_suffix and _reads_as_yaml(text):
+        return _from_tree(parse_yaml(text, "<string>"), "<string>")
+    path_like = yaml_suffix or "/" in text or "\\" in text or text.startswith("~")
+    if not path_like and ":" in text:  # `a:b` is a YAML scalar, never a shipped name
+        return _from_tree(parse_yaml(text, "<string>"), "<string>")
+    import difflib
+
+    close = difflib.get_close_matches(key, list(shipped), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    if path_like:
+        if os.path.exists(text):  # a folder, or a file we may not read
+            return _load_file(Path(text))
+        what = f"file not found: {text}"
+        # A relative path with "/" may have been meant as a shipped name; an absolute one was not.
+        if not (os.path.isabs(text) or "\\" in text or text.startswith("~") or re.match(r"[A-Za-z]:", text)):
+            what += f" (nor a shipped recipe: {hint}`tokencomp recipes` lists them)"
+        raise RecipeError(what, source=text, line=1)
+    raise RecipeError(f"{text!r} is neither a file nor a shipped recipe ({hint}`tokencomp recipes` lists them)", source=text, line=1)
 
 
 def _load_file(path: Path) -> Recipe:
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"file not found: {path}", source=str(path), line=1) from None
     except OSError as exc:
-        raise RecipeError(f"cannot read recipe: {exc.strerror}", source=str(path), line=1) from None
+        raise RecipeError(f"cannot read recipe: {_flat(exc.strerror or exc)}", source=str(path), line=1) from None
     except UnicodeDecodeError as exc:
-        raise RecipeError(f"recipe is not UTF-8 text: {exc}", source=str(path), line=1) from None
+        raise RecipeError(f"recipe is not UTF-8 text: {_flat(exc)}", source=str(path), line=1) from None
     return _from_tree(parse_yaml(text, str(path)), str(path))
