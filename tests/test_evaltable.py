@@ -36,3 +36,15 @@ def test_primary_metric_and_run_names():
     assert run_name(None) == "vanilla"
     assert run_name("v2drop/llava-1.5-7b-192") == "v2drop_llava-1.5-7b-192"
     assert run_name("/tmp/my recipe.yaml") == "my_recipe"
+
+
+def test_recipe_hash_is_content_not_path_or_comments(tmp_path):
+    import tokencomp
+    from tokencomp.evaltable import recipe_hash
+    from tokencomp.recipe import shipped_recipes
+
+    text = shipped_recipes()["v2drop/llava-1.5-7b-192"].read_text()
+    copy = tmp_path / "elsewhere.yaml"
+    copy.write_text("# my copy\n" + text.replace("description:", "description: mine, was", 1) + "\n\n")
+    assert recipe_hash(tokencomp.load_recipe(str(copy))) == recipe_hash(tokencomp.load_recipe("v2drop/llava-1.5-7b-192"))
+    assert recipe_hash(tokencomp.load_recipe("v2drop/llava-1.5-7b-128")) != recipe_hash(tokencomp.load_recipe("v2drop/llava-1.5-7b-192"))
