@@ -1,0 +1,143 @@
+"""Train the toy VLM from scratch on CPU: ``python -m tokencomp.toy.train [--steps N] [--out DIR]``.
+
+Data is generated on the fly from the train split (scene seeds ``step * batch + i``); each sequence
+is one image followed by all of its questions as a multi-turn chat (rendered by the processor's
+chat template), and the loss is on the answer tokens (the word and its ``</s>``) only. Reproducible
+from ``--seed`` (single thread). Saves ``save_pretrained`` model + processor into ``--out``
+(fp16 weights by default, to keep the shipped folder small).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+
+from . import build, scenes
+
+
+def make_batch(processor, start: int, batch: int, seed: int):
+    tok = processor.tokenizer
+    ids, labels, images = [], [], []
+    answer_after = tok.convert_tokens_to_ids("ASSISTANT:")
+    image_id = tok.convert_tokens_to_ids("<image>")
+    n_img = (scenes.SIZE // build.PATCH) ** 2
+    for i in range(batch):
+        sd = seed * 100_003 + start + i
+        scene = scenes.make_scene(sd)
+        qs = scenes.scene_questions(scene, np.random.default_rng([sd, 1]))
+        text = build.render(processor, [(q[1], q[2]) for q in qs])
+        x = tok(text)["input_ids"]
+        # expand the image placeholder exactly as LlavaProcessor does
+        k = x.index(image_id)
+        x = x[:k] + [image_id] * n_img + x[k + 1 :]
+        y = [-100] * len(x)
+        for j in range(1, len(x)):
+            if x[j - 1] == answer_after or (j >= 2 and x[j - 2] == answer_after):
+                y[j] = x[j]  # the answer word and the </s> after it
+        ids.append(x)
+        labels.append(y)
+        images.append(scene.image)
+    L = max(map(len, ids))
+    pad = tok.pad_token_id
+    input_ids = torch.full((batch, L), pad)
+    lab = torch.full((batch, L), -100)
+    att = torch.zeros((batch, L), dtype=torch.long)
+    for i, (x, y) in enumerate(zip(ids, labels)):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        lab[i, : len(y)] = torch.tensor(y)
+        att[i, : len(x)] = 1
+    return input_ids, att, build.pixel_values(images), lab
+
+
+@torch.no_grad()
+def quick_eval(model, processor, questions) -> float:
+    """Fraction of `questions` whose first answer token (argmax) is right: one forward, no generate."""
+    from .harness import encode
+
+    model.eval()
+    right = 0
+    for k in range(0, len(questions), 25):
+        chunk = questions[k : k + 25]
+        enc = encode(processor, chunk)
+        logits = model(**enc).logits[:, -1]
+        pred = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
+        right += sum(p == q.answer for p, q in zip(pred, chunk))
+    model.train()
+    return right / len(questions)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--out", default="tokencomp/toy/checkpoint")
+    ap.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    processor = build.build_processor()
+    model = build.build_model(processor.tokenizer, seed=args.seed)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"params {n_params / 1e6:.2f}M", flush=True)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98))
+
+    def lr_at(step):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        t = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    held = scenes.make_questions("test", 200, seed=1)  # validation: test split, other seed than the tests'
+    t0 = time.time()
+    run_loss = None
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        input_ids, att, pix, lab = make_batch(processor, step * args.batch, args.batch, args.seed)
+        logits = model(input_ids=input_ids, attention_mask=att, pixel_values=pix).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
+        if step % 20 == 0:
+            print(f"step {step} loss {run_loss:.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s", flush=True)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            acc = quick_eval(model, processor, held)
+            print(f"step {step + 1} val_acc {acc:.3f} {time.time() - t0:.0f}s", flush=True)
+            save(model, processor, args.out, args.fp32)
+    print(f"done in {time.time() - t0:.0f}s", flush=True)
+
+
+def save(model, processor, out, fp32=False):
+    if fp32:
+        model.save_pretrained(out)
+    else:
+        state = {k: v.detach().half() for k, v in model.state_dict().items()}
+        model.save_pretrained(out, state_dict=state)
+        import json, os
+
+        path = os.path.join(out, "config.json")
+        cfg = json.load(open(path))
+        cfg["dtype"] = "float16"
+        json.dump(cfg, open(path, "w"), indent=2)
+    processor.save_pretrained(out)
+
+
+if __name__ == "__main__":
+    main()
