@@ -19,7 +19,17 @@ from typing import Any, Optional
 
 import torch
 
+from .errors import UsageError
 from .flops import DecoderShape, decode_flops, kv_cache_bytes, prefill_flops
+
+
+class BenchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`bench`. Still a ``KeyboardInterrupt``; ``report`` holds the rounds
+    measured completely before it (``"partial": True``), or is ``None`` if none was."""
+
+    def __init__(self, report: Optional[dict]):
+        super().__init__("benchmark interrupted")
+        self.report = report
 
 
 def _malloc_in_use() -> int:
@@ -213,9 +223,16 @@ def bench(
     repeat: int = 5,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Measure untouched vs hooks-only vs recipe on one input shape; return a JSON-friendly dict."""
+    """Measure untouched vs hooks-only vs recipe on one input shape; return a JSON-friendly dict.
+
+    Raises :class:`UsageError` for sizes out of range and :class:`BenchInterrupted` on Ctrl-C.
+    """
     import tokencomp
 
+    for name, value, minimum in (("vision_tokens", vision_tokens, 1), ("text_tokens", text_tokens, 0),
+                                 ("batch", batch, 1), ("new_tokens", new_tokens, 0), ("repeat", repeat, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise UsageError(f"bench: {name} must be an integer >= {minimum}, got {value!r}")
     recipe = tokencomp.load_recipe(recipe)
     adapter_ids = None
     handle_probe = tokencomp.apply(model, recipe)  # validates before any timing
@@ -232,30 +249,50 @@ def bench(
     order = list(variants)
     total = (repeat + 1) * len(order)
     done = 0
-    for r in range(repeat + 1):  # round 0 is warm-up, discarded
-        rot = order[r % len(order) :] + order[: r % len(order)]
-        for name in rot:
-            v = variants[name] if r > 0 else Variant(name)
-            handle = tokencomp.apply(model, recipes[name]) if name in recipes else None
-            if handle is not None:
-                handle.profile = True
-            try:
-                _run(model, handle, embeds, mask, vision, new_tokens, v, device, decode_id)
-                if handle is not None and r > 0:
-                    L = embeds.shape[1]
-                    counts = handle.stats.vision_tokens_per_layer[0]
-                    v.tokens_per_layer = [L - vision_tokens + c for c in counts]
-            finally:
+    measured = 0  # rounds completed for every variant (warm-up excluded)
+    try:
+        for r in range(repeat + 1):  # round 0 is warm-up, discarded
+            rot = order[r % len(order) :] + order[: r % len(order)]
+            for name in rot:
+                v = variants[name] if r > 0 else Variant(name)
+                handle = tokencomp.apply(model, recipes[name]) if name in recipes else None
                 if handle is not None:
-                    handle.remove()
-            done += 1
-            if progress:
-                _progress(done, total, f"{name} round {r}")
+                    handle.profile = True
+                try:
+                    _run(model, handle, embeds, mask, vision, new_tokens, v, device, decode_id)
+                    if handle is not None and r > 0:
+                        L = embeds.shape[1]
+                        counts = handle.stats.vision_tokens_per_layer[0]
+                        v.tokens_per_layer = [L - vision_tokens + c for c in counts]
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                done += 1
+                if progress:
+                    _progress(done, total, f"{name} round {r}")
+            measured = r
+    except KeyboardInterrupt:
+        if progress:
+            print(file=sys.stderr)  # end the progress line
+        report = None
+        if measured:
+            # Drop the values of the round cut short, so every variant has the same rounds.
+            for v in variants.values():
+                for name in ("prefill_s", "generate_s", "decode_s", "peak_bytes", "overhead_s"):
+                    setattr(v, name, getattr(v, name)[:measured])
+            variants["untouched"].tokens_per_layer = [embeds.shape[1]] * shape.layers
+            report = _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, new_tokens, measured, embeds.dtype, device)
+            report["partial"] = True
+            report["repeat_requested"] = repeat
+        raise BenchInterrupted(report) from None
     if progress:
         print(file=sys.stderr)
     L = embeds.shape[1]
     variants["untouched"].tokens_per_layer = [L] * shape.layers
-    return _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, new_tokens, repeat, embeds.dtype, device)
+    rep = _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, new_tokens, repeat, embeds.dtype, device)
+    rep["partial"] = False
+    rep["repeat_requested"] = repeat
+    return rep
 
 
 def _progress(done: int, total: int, label: str) -> None:
@@ -323,7 +360,8 @@ def format_report(rep: dict[str, Any]) -> str:
         f"recipe {rep['recipe']} on {rep['model']} ({rep['shape']['layers']} layers, hidden {rep['shape']['hidden']}), "
         f"{rep['device']} {rep['dtype']} {rep['attn']}, {rep['threads']} threads",
         f"vision tokens {rep['vision_tokens']} + text {rep['text_tokens']}, batch {rep['batch']}, "
-        f"{rep['new_tokens']} new tokens, median of {rep['repeat']} (after a warm-up round)",
+        f"{rep['new_tokens']} new tokens, median of {rep['repeat']} (after a warm-up round)"
+        + (f" -- PARTIAL: interrupted after {rep['repeat']} of {rep['repeat_requested']} rounds" if rep.get("partial") else ""),
         f"average vision tokens per layer: {rep['average_vision_tokens']:.1f}",
         "",
         f"{'metric':<22}{'baseline':>14}{'compressed':>14}{'ratio':>9}",

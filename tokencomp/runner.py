@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from .cli import INTERRUPTED, nonnegative_int, one_line, positive_int
+from .errors import UnsupportedModelError, UsageError
 
 DEMO_LAYERS = 32
 DEMO_IMAGE = 336  # LLaVA-1.5's CLIP-336 input: 24 x 24 = 576 vision tokens
@@ -30,7 +34,7 @@ def add_commands(sub) -> None:
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--video", help="video as a folder of frame images")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
     p.add_argument("--heatmap", help="also write a PNG of the tokens kept at each stage over the images / frames")
     p.set_defaults(func=cmd_run)
@@ -39,13 +43,13 @@ def add_commands(sub) -> None:
     p.add_argument("recipe", metavar="RECIPE")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint id or path")
-    src.add_argument("--synthetic", default="llava-1.5-7b:layers=8,hidden=1024,heads=16,kv_heads=16,intermediate=2816",
+    src.add_argument("--synthetic", type=synthetic_spec, default="llava-1.5-7b:layers=8,hidden=1024,heads=16,kv_heads=16,intermediate=2816",
                      help="random-weight model with a real decoder shape: NAME[:layers=N,hidden=H,...]")
-    p.add_argument("--vision-tokens", type=int, nargs="+", default=[576], help="one or more vision-token counts")
-    p.add_argument("--text-tokens", type=int, default=60)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=8)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--vision-tokens", type=positive_int, nargs="+", default=[576], help="one or more vision-token counts")
+    p.add_argument("--text-tokens", type=nonnegative_int, default=60)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--new-tokens", type=nonnegative_int, default=8, help="decode steps timed (0: prefill only)")
+    p.add_argument("--repeat", type=positive_int, default=5, help="measured rounds (after one warm-up round)")
     p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -59,6 +63,123 @@ def add_commands(sub) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Checks of user-given arguments, all before any model is built or loaded
+# ------------------------------------------------------------------------------------------------
+
+
+def synthetic_spec(text: str) -> str:
+    """``argparse`` type of ``--synthetic``: ``NAME[:key=N,...]`` with every size >= 1 and an even
+    head dimension (rotary embeddings rotate pairs of channels)."""
+    from .testing import parse_synthetic
+
+    name, _, rest = text.partition(":")
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        # parse_synthetic divides by heads and kv_heads: reject zeros before it does.
+        if value.strip().isdigit() and int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{key} must be >= 1, got {value.strip()} (in {text!r})")
+    try:
+        _, dims = parse_synthetic(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    head_dim = dims["hidden"] // dims["heads"]
+    if head_dim % 2:
+        raise argparse.ArgumentTypeError(
+            f"hidden / heads = {dims['hidden']} / {dims['heads']} = {head_dim}: the head dimension must be even (in {text!r})"
+        )
+    return text
+
+
+def check_device(spec: str) -> torch.device:
+    """``--device``: a device string torch knows, and present on this machine."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {spec!r}: not a device name (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "no CUDA GPU is visible" if torch.version.cuda else f"this torch ({torch.__version__}) is built without CUDA"
+            raise UsageError(f"--device {spec}: CUDA is not available ({why}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {spec}: MPS is not available on this machine")
+    return device
+
+
+def check_output(path: str, option: str) -> None:
+    """Fail now, not after a long run, when ``path`` cannot be written."""
+    p = Path(path)
+    parent = p.parent
+    if p.is_dir():
+        raise UsageError(f"{option} {path}: is a directory")
+    if not parent.exists():
+        raise UsageError(f"{option} {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path}: {parent} is not a directory")
+    existed = p.exists()
+    try:
+        # A real open, not os.access: read-only mounts and root's permissions answer truthfully.
+        with open(p, "ab"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None
+    if not existed:
+        p.unlink()
+
+
+def check_input_file(path, option: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{option} {path}: no such file")
+    if p.is_dir():
+        raise UsageError(f"{option} {path}: is a directory, not a file")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+def check_model(model_id: str) -> None:
+    """``--model``: an existing checkpoint folder or a Hub id whose config is an image-text-to-text
+    model with a tokencomp adapter. Reads only the config: a wrong model fails before its weights
+    are loaded."""
+    path = Path(model_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UsageError(f"--model {model_id}: not a directory (expected a checkpoint folder or a Hugging Face model id)")
+        if not (path / "config.json").is_file():
+            raise UsageError(f"--model {model_id}: no config.json in this folder, not a Hugging Face checkpoint")
+    elif not _HUB_ID.match(model_id) or model_id.startswith((".", "~")):
+        raise UsageError(f"--model {model_id}: no such directory")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_id)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(f"--model {model_id}: cannot read its config: {one_line(str(exc))}") from None
+    cls_name = _image_text_class(config)
+    if cls_name is None:
+        raise UsageError(f"--model {model_id}: model_type {config.model_type!r} is not a vision-language (image-text-to-text) model")
+    import transformers
+
+    from .plugins import registry
+
+    cls = getattr(transformers, cls_name, None)
+    names = {c.__name__ for c in cls.__mro__} if isinstance(cls, type) else {cls_name}
+    supported = sorted(c for e in registry().entries["model_adapter"].values() for c in e.cls.model_classes)
+    if not names & set(supported):
+        raise UnsupportedModelError(f"--model {model_id}: {cls_name} is not supported by tokencomp; supported: {', '.join(supported)}")
+
+
+def _image_text_class(config):
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as names
+    except ImportError:  # pragma: no cover - older transformers: let from_pretrained decide
+        return getattr(config, "architectures", [None])[0]
+    return names.get(getattr(config, "model_type", None))
+
+
+# ------------------------------------------------------------------------------------------------
 # bench
 # ------------------------------------------------------------------------------------------------
 
@@ -66,38 +187,83 @@ def add_commands(sub) -> None:
 def _load_real(model_id: str, attn: str, dtype):
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(model_id, attn_implementation=attn, dtype=dtype).eval()
+    try:
+        return AutoModelForImageTextToText.from_pretrained(model_id, attn_implementation=attn, dtype=dtype).eval()
+    except (OSError, ValueError, ImportError) as exc:
+        # Missing weights, a config transformers cannot map, an attention kernel not installed.
+        raise UsageError(f"--model {model_id}: cannot load: {one_line(str(exc))}") from None
+
+
+def _build_synthetic(spec: str, attn: str, dtype):
+    from .testing import build_synthetic
+
+    try:
+        return build_synthetic(spec, attn=attn, dtype=dtype)
+    except ImportError as exc:  # --attn flash_attention_2 without flash-attn installed
+        raise UsageError(f"--attn {attn}: {one_line(str(exc))}") from None
+
+
+def _write_json(path: str, results: list) -> None:
+    Path(path).write_text(json.dumps(results, indent=2))
 
 
 def cmd_bench(args) -> int:
     import tokencomp
     from .bench import bench, format_report
-    from .testing import build_synthetic
 
     recipe = tokencomp.load_recipe(args.recipe)  # bad recipes fail before any model is built
-    dtype = getattr(torch, args.dtype)
-    if args.model:
-        model = _load_real(args.model, args.attn, dtype)
-    else:
-        model = build_synthetic(args.synthetic, attn=args.attn, dtype=dtype)
-    model = model.to(args.device)
-    results = []
-    for n in args.vision_tokens:
-        rep = bench(model, recipe, vision_tokens=n, text_tokens=args.text_tokens, batch=args.batch,
-                    new_tokens=args.new_tokens, repeat=args.repeat)
-        rep["model_spec"] = args.model or f"synthetic {args.synthetic}"
-        results.append(rep)
-        print(format_report(rep))
-        print()
+    device = check_device(args.device)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2))
-    if args.markdown:
+        check_output(args.json_out, "--json")
+    if args.model:
+        check_model(args.model)
+    dtype = getattr(torch, args.dtype)
+    spec = args.model or f"synthetic {args.synthetic}"
+    results = []
+    try:
+        model = _load_real(args.model, args.attn, dtype) if args.model else _build_synthetic(args.synthetic, args.attn, dtype)
+        model = model.to(device)
+        for n in args.vision_tokens:
+            rep = bench(model, recipe, vision_tokens=n, text_tokens=args.text_tokens, batch=args.batch,
+                        new_tokens=args.new_tokens, repeat=args.repeat)
+            rep["model_spec"] = spec
+            results.append(rep)
+            print(format_report(rep))
+            print()
+            if args.json_out:  # after every count: a later failure keeps the earlier results
+                _write_json(args.json_out, results)
+    except KeyboardInterrupt as exc:
+        # Ctrl-C: keep what was measured. bench() attaches the rounds of the count in progress.
+        partial = getattr(exc, "report", None)
+        if partial is not None:
+            partial["model_spec"] = spec
+            results.append(partial)
+            print(format_report(partial))
+            print()
+        done = [r["vision_tokens"] for r in results]
+        missing = [n for n in args.vision_tokens if n not in done]
+        msg = "interrupted"
+        if partial is not None:
+            msg += f"; vision tokens {partial['vision_tokens']}: {partial['repeat']} of {partial['repeat_requested']} rounds (partial)"
+        if missing:
+            msg += f"; not measured: vision tokens {', '.join(map(str, missing))}"
+        if args.json_out and results:
+            _write_json(args.json_out, results)
+            msg += f"; results so far written to {args.json_out}"
+        _print_markdown(args, results)
+        print(msg, file=sys.stderr)
+        return INTERRUPTED
+    _print_markdown(args, results)
+    return 0
+
+
+def _print_markdown(args, results) -> None:
+    if args.markdown and results:
         from .bench import MARKDOWN_HEADER, format_markdown_row
 
         print(MARKDOWN_HEADER)
         for rep in results:
             print(format_markdown_row(rep))
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,6 +315,7 @@ def cmd_demo(args) -> int:
     recipe = tokencomp.load_recipe(args.recipe) if args.recipe else tokencomp.default_recipe()
     if args.model:
         return _demo_real(args, recipe)
+    check_output(args.out, "--out")
     model = build_demo_model()
     image = demo_picture(DEMO_IMAGE)
     inputs = demo_inputs(model, image)
@@ -185,10 +352,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _load_images(paths):
-    from PIL import Image
+def _load_images(paths, option: str = "--image"):
+    """Decode every image now, so that a missing or broken file fails before the model loads."""
+    from PIL import Image, UnidentifiedImageError
 
-    return [Image.open(p).convert("RGB") for p in paths]
+    images = []
+    for p in paths:
+        check_input_file(p, option)
+        try:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError, ValueError) as exc:  # not an image, truncated, unreadable
+            raise UsageError(f"{option} {p}: cannot decode the image: {one_line(str(exc))}") from None
+    return images
 
 
 def _demo_real(args, recipe) -> int:
@@ -201,6 +377,7 @@ def _demo_real(args, recipe) -> int:
 
         pic = (demo_picture(DEMO_IMAGE).permute(1, 2, 0) * 255).round().byte().numpy()
         images = [Image.fromarray(pic)]
+    check_model(args.model)
     answer_base, answer_comp, stats = _generate_real(args.model, recipe, images, args.prompt, 64, "sdpa", compare=True)
     print(f"baseline:   {answer_base}")
     print(f"compressed: {answer_comp}")
@@ -212,7 +389,10 @@ def _generate_real(model_id, recipe, images, prompt, max_new_tokens, attn, compa
     import tokencomp
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(model_id)
+    try:
+        processor = AutoProcessor.from_pretrained(model_id)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UsageError(f"--model {model_id}: cannot load its processor: {one_line(str(exc))}") from None
     model = _load_real(model_id, attn, "auto")
     content = [{"type": "image"} for _ in images]
     if video is not None:
@@ -269,11 +449,16 @@ def cmd_run(args) -> int:
     images = _load_images(args.image)
     video = None
     if args.video:
-        frames = sorted(p for p in Path(args.video).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        folder = Path(args.video)
+        if not folder.is_dir():
+            raise UsageError(f"--video {args.video}: {'not a folder' if folder.exists() else 'no such folder'} (expected a folder of frame images)")
+        frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         if not frames:
-            print(f"error: no .png/.jpg frames in {args.video}", file=sys.stderr)
-            return 1
-        video = _load_images(frames)
+            raise UsageError(f"--video {args.video}: no .png/.jpg frames in this folder")
+        video = _load_images(frames, "--video")
+    if args.heatmap:
+        check_output(args.heatmap, "--heatmap")
+    check_model(args.model)
     _, answer, stats = _generate_real(
         args.model, recipe, images, args.prompt, args.max_new_tokens, args.attn, video=video, heatmap=args.heatmap
     )
