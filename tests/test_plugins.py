@@ -177,10 +177,98 @@ def test_duplicate_names_are_an_error_naming_both_plugins(in_process_plugin):
     tokencomp.load_recipe("scorer: v2drop\n" + STAGES)
 
 
-def test_clash_with_a_builtin_names_the_builtin_module(in_process_plugin):
-    in_process_plugin(ScorerPlugin(_scorer("v2drop")), "test-impostor")
-    with pytest.raises(PluginError, match=r"'tokencomp\.scorers\.v2drop' \(tokencomp .*\) and by plugin 'test-impostor'"):
-        plugins.registry().get("scorer", "v2drop")
+class TryFirstScorerPlugin(ScorerPlugin):
+    """Like ScorerPlugin, but its hook runs before the built-ins' (pluggy's tryfirst)."""
+
+    @tokencomp.hookimpl(tryfirst=True)
+    def register_scorers(self, register):
+        for cls in self.classes:
+            register(cls)
+
+
+@pytest.mark.parametrize("plugin_type", [ScorerPlugin, TryFirstScorerPlugin])
+def test_builtin_wins_a_clash_with_a_third_party_plugin(in_process_plugin, capsys, plugin_type):
+    """A third-party class named like a built-in is ignored and reported naming both distributions;
+    the built-in, the default and the default recipe keep working (whichever hook runs first)."""
+    builtin = plugins.registry().get("scorer", "v2drop")
+    impostor = _scorer("v2drop")
+    in_process_plugin(plugin_type(impostor), "test-impostor", distribution=("impostor-dist", "0.1"))
+    reg = plugins.registry()
+    assert reg.get("scorer", "v2drop") is builtin
+    assert reg.entries["scorer"]["v2drop"].plugin == "tokencomp.scorers.v2drop"
+    (err,) = [str(e) for e in reg.errors]
+    version = importlib.metadata.version("tokencomp")
+    assert err == (
+        "scorer name 'v2drop' of plugin 'test-impostor' (impostor-dist 0.1) is ignored: "
+        f"it is the name of built-in plugin 'tokencomp.scorers.v2drop' (tokencomp {version})"
+    )
+    assert reg.default_name("scorer") == "v2drop"
+    assert type(tokencomp.default_recipe().scorer) is builtin
+    assert type(tokencomp.load_recipe("scorer: v2drop\n" + STAGES).scorer) is builtin
+
+    assert cli_main(["plugins"]) == 1
+    out, errout = capsys.readouterr()
+    assert "impostor-dist 0.1" in errout and "tokencomp.scorers.v2drop" in errout and "Traceback" not in errout
+
+
+def test_clash_between_third_party_plugins_beside_a_builtin_name(in_process_plugin):
+    """Two third-party classes on a built-in name: both are reported, the built-in is kept."""
+    in_process_plugin(ScorerPlugin(_scorer("topk-like")), "test-a", distribution=("dist-a", "1"))
+    in_process_plugin(ScorerPlugin(_scorer("v2drop")), "test-b", distribution=("dist-b", "2"))
+    in_process_plugin(TryFirstScorerPlugin(_scorer("v2drop")), "test-c", distribution=("dist-c", "3"))
+    reg = plugins.registry()
+    errors = [str(e) for e in reg.errors]
+    assert len(errors) == 2 and all("tokencomp.scorers.v2drop" in e for e in errors)
+    assert any("dist-b 2" in e for e in errors) and any("dist-c 3" in e for e in errors)
+    assert reg.entries["scorer"]["v2drop"].plugin == "tokencomp.scorers.v2drop"
+    assert reg.get("scorer", "topk-like").name == "topk-like"
+    tokencomp.default_recipe()
+
+
+def test_third_party_default_marker_does_not_change_the_default(in_process_plugin):
+    """Only a built-in may be the default: a third-party class marked default is reported, not used."""
+    marked = _scorer("wants-default")
+    marked.default = True
+    in_process_plugin(ScorerPlugin(marked), "test-marked", distribution=("marked-dist", "1.0"))
+    reg = plugins.registry()
+    assert reg.default_name("scorer") == "v2drop"
+    assert tokencomp.default_recipe().scorer.name == "v2drop"
+    (err,) = [str(e) for e in reg.errors]
+    assert "scorer 'wants-default' of plugin 'test-marked' (marked-dist 1.0) is marked default" in err
+    assert reg.get("scorer", "wants-default") is marked  # still usable by name
+
+
+def test_subclass_of_builtin_default_is_not_a_default(in_process_plugin):
+    """A subclass inherits `default = True` without asking for it: no error, the default is unchanged."""
+    base = plugins.registry().get("selector", "topk")
+    sub = dataclasses.dataclass(frozen=True)(type("MyTopK", (base,), {"name": "my-topk", "__doc__": "Sub."}))
+
+    class Plugin:
+        @tokencomp.hookimpl
+        def register_selectors(self, register):
+            register(sub)
+            register(base)  # re-registering a built-in class is no clash and keeps it built-in
+
+    in_process_plugin(Plugin(), "test-sub", distribution=("sub-dist", "1"))
+    reg = plugins.registry()
+    assert reg.errors == []
+    assert reg.default_name("selector") == "topk"
+    assert reg.entries["selector"]["topk"].plugin == "tokencomp.selectors.topk"
+    assert reg.get("selector", "my-topk") is sub
+
+
+def test_entry_point_taking_a_builtin_name_is_reported_with_both_distributions(fake_dist, monkeypatch, capsys):
+    """The installed-distribution case: `tokencomp plugins` names both; the default recipe still loads."""
+    fake_dist("tp-clash", "4.2", {"clashplug": "tp_clash_mod"}, {"tp_clash_mod": GOOD_MODULE.format(name="v2drop")})
+    monkeypatch.setenv("TOKENCOMP_LOAD_PLUGINS", "clashplug")
+    plugins.reload_entrypoints()
+    (err,) = [str(e) for e in plugins.registry().errors]
+    assert "plugin 'clashplug' (tp-clash 4.2) is ignored" in err and "'tokencomp.scorers.v2drop' (tokencomp " in err
+    assert tokencomp.default_recipe().scorer.name == "v2drop"
+    assert type(tokencomp.default_recipe().scorer).__module__ == "tokencomp.scorers.v2drop"
+    assert cli_main(["plugins", "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["errors"] == [err]
 
 
 def test_same_class_registered_twice_is_not_a_clash(in_process_plugin):

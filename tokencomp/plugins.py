@@ -8,6 +8,11 @@ once. Set ``TOKENCOMP_DISABLE_PLUGIN_AUTOLOAD=1`` to skip entry points (tests, d
 A plugin that fails to import or raises while registering does not take the others down: the
 failure is kept as a :class:`PluginError` naming the plugin and its distribution
 (``registry().errors``), and using a name it would have provided says so.
+
+Names are unique per kind. A third-party class that takes a built-in name is ignored (the built-in
+keeps working) and reported as an error; two third-party classes with one name make the name
+unusable, with an error naming both. Likewise only a built-in may be marked ``default``, so the
+default recipe never depends on which plugins are installed.
 """
 
 from __future__ import annotations
@@ -69,6 +74,12 @@ class Entry:
     plugin: str
     distribution: str
     version: str
+    builtin: bool = False
+
+    def origin(self) -> str:
+        """``plugin 'x' (distribution version)``, for messages."""
+        dist = f"{self.distribution} {self.version}".strip()
+        return f"plugin {self.plugin!r} {dist if dist.startswith('(') else f'({dist})'}"
 
     def as_dict(self) -> dict[str, str]:
         """JSON-friendly summary (used by ``tokencomp plugins --json``)."""
@@ -104,8 +115,11 @@ class Registry:
             raise PluginError(self.unknown_message(kind, name)) from None
 
     def default_name(self, kind: str) -> str:
-        """Name of the registered ``kind`` plugin marked ``default = True`` (exactly one must be)."""
-        marked = [e for e in self.entries[kind].values() if getattr(e.cls, "default", False)]
+        """Name of the registered ``kind`` plugin marked ``default = True`` (exactly one must be).
+
+        Third-party classes marked default do not count (they are reported in ``errors``).
+        """
+        marked = [e for e in self.entries[kind].values() if getattr(e.cls, "default", False) and e.builtin]
         if len(marked) != 1:
             who = ", ".join(f"{e.name!r} ({e.plugin})" for e in marked) or "none"
             raise PluginError(f"exactly one {kind.replace('_', ' ')} must be marked default; found {who}")
@@ -241,6 +255,7 @@ def registry() -> Registry:
 
 def _build() -> Registry:
     reg = Registry(errors=list(_load_errors.values()))
+    builtins = set(builtin_plugins())
     for kind, (hook_name, base) in KINDS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             dist, version = _dist_of(impl.plugin_name)
@@ -250,18 +265,8 @@ def _build() -> Registry:
                     raise PluginError(f"registered {cls!r}, which is not a subclass of {_base.__name__}")
                 if not isinstance(cls.name, str) or not cls.name:
                     raise PluginError(f"{cls.__qualname__} has no `name`")
-                entry = Entry(_kind, cls.name, cls, _impl.plugin_name, _dist, _version)
-                other = reg.entries[_kind].get(cls.name)
-                if other is not None and other.cls is not cls:
-                    err = PluginError(
-                        f"{_kind.replace('_', ' ')} name {cls.name!r} is registered twice: by plugin "
-                        f"{other.plugin!r} ({other.distribution} {other.version}) and by plugin "
-                        f"{entry.plugin!r} ({entry.distribution} {entry.version})"
-                    )
-                    reg.clashes[(_kind, cls.name)] = err
-                    reg.errors.append(err)
-                    return
-                reg.entries[_kind][cls.name] = entry
+                entry = Entry(_kind, cls.name, cls, _impl.plugin_name, _dist, _version, _impl.plugin_name in builtins)
+                _add(reg, entry)
 
             try:
                 impl.function(register=add)
@@ -274,4 +279,37 @@ def _build() -> Registry:
                 )
     for kind, name in reg.clashes:
         reg.entries[kind].pop(name, None)
+    for kind in KINDS:
+        for entry in reg.entries[kind].values():
+            # Only a class that itself says `default = True`: a subclass of a built-in default inherits
+            # the attribute without asking for anything.
+            if vars(entry.cls).get("default", False) and not entry.builtin:
+                reg.errors.append(
+                    PluginError(
+                        f"{kind.replace('_', ' ')} {entry.name!r} of {entry.origin()} is marked default, which "
+                        "only a built-in may be; it is registered, but not used as the default"
+                    )
+                )
     return reg
+
+
+def _add(reg: Registry, entry: Entry) -> None:
+    """Record ``entry``; on a name clash a built-in wins, and two third-party classes lose the name."""
+    what = f"{entry.kind.replace('_', ' ')} name {entry.name!r}"
+    other = reg.entries[entry.kind].get(entry.name)
+    if other is None or (other.cls is entry.cls and entry.builtin and not other.builtin):
+        reg.entries[entry.kind][entry.name] = entry
+        return
+    if other.cls is entry.cls:  # the same class twice (e.g. a plugin re-registering a built-in): no clash
+        return
+    if other.builtin != entry.builtin:
+        builtin, third = (other, entry) if other.builtin else (entry, other)
+        reg.errors.append(
+            PluginError(f"{what} of {third.origin()} is ignored: it is the name of built-in {builtin.origin()}")
+        )
+        reg.entries[entry.kind][entry.name] = builtin
+        reg.clashes.pop((entry.kind, entry.name), None)  # a built-in also beats an earlier third-party clash
+        return
+    err = PluginError(f"{what} is registered twice: by {other.origin()} and by {entry.origin()}")
+    reg.clashes[(entry.kind, entry.name)] = err
+    reg.errors.append(err)
