@@ -14,7 +14,6 @@ def tokens_per_layer(stages: Sequence, num_layers: int, n: int, min_keep: int = 
     counts, cur = [], n
     for layer in range(num_layers):
         if layer in by_layer:
-            # A tiny epsilon keeps e.g. floor(576 * 0.3) == 172 despite binary floating point.
             cur = min(cur, max(min_keep, kept_count(cur, by_layer[layer])))
         counts.append(cur)
     return counts
@@ -25,8 +24,13 @@ def average_tokens(stages: Sequence, num_layers: int, n: int, min_keep: int = 0)
     return sum(tokens_per_layer(stages, num_layers, n, min_keep)) / num_layers
 
 
-def kept_count(n, keep: float):
-    """``floor(n * keep)`` for a count or a tensor of counts, robust to binary rounding (0.3 * 10 → 3)."""
-    if isinstance(n, int):
-        return int(n * keep + 1e-9)
-    return torch.floor(n.double() * keep + 1e-9).long()
+def kept_count(n, keep):
+    """``int(n * keep)`` exactly as the official V²Drop code computes it: the float64 product,
+    truncated. Binary floating point shows through (``0.7 * 90 = 62.99…`` → 62, ``0.3 * 10`` → 3),
+    which keeps paper reproductions at the same counts. ``n``: an int or a tensor of counts;
+    ``keep``: a float, or a (B,) tensor of per-sample ratios."""
+    if isinstance(n, int) and not isinstance(keep, torch.Tensor):
+        return int(n * keep)
+    n = torch.as_tensor(n)
+    keep = keep.to(device=n.device, dtype=torch.float64) if isinstance(keep, torch.Tensor) else keep
+    return torch.floor(n.double() * keep).long()

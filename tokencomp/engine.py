@@ -2,26 +2,30 @@
 
 ``apply(model, recipe)`` installs
 
-1. a forward pre-hook (and an always-called forward hook) on the ``*ForConditionalGeneration``
-   model, which decides per call whether this forward is a *prefill* to compress (vision tokens in
-   the input, empty cache), a *decode* step after a compressed prefill (the cache carries our
-   metadata), or neither;
+1. a wrapper around the ``*ForConditionalGeneration`` model's ``forward`` (an instance attribute,
+   deleted on removal), which decides per call whether this forward is a *prefill* to compress
+   (vision tokens in the input, empty cache), a *decode* step after a compressed prefill (the cache
+   carries our metadata), or neither, and always clears that call's state afterwards, also on
+   ``KeyboardInterrupt`` (which forward hooks do not see);
 2. a forward pre-hook on every decoder layer. In a prefill, at a stage layer it scores and drops
    vision tokens from the hidden states; at every layer after the first drop it replaces the
    attention mask, rotary tables and position ids with versions *gathered* from the full-length
    originals (kept tokens keep their original positions). In a decode step it picks the mask
    columns that match the layer's shorter KV cache;
-3. forward hooks on ``q_proj``/``k_proj`` of the layers whose attention rows a scorer needs.
+3. forward hooks on ``q_proj``/``k_proj`` of the layers whose attention rows a scorer needs, and on
+   the layer before a variation stage (its output, before anything the model adds between layers).
 
 Per-forward state lives in a thread-local stack (so concurrent forwards on one model do not mix)
-and, for decoding, on the cache object itself (so its lifetime follows the cache). Nothing is
-written into the model; :meth:`Handle.remove` removes every hook.
+and, for decoding, on the cache object itself (so its lifetime follows the cache; the cache's class
+is swapped for a subclass that keeps the metadata in step with beam search and refuses to decode
+once its handle is gone). :meth:`Handle.remove` removes every hook and the ``forward`` wrapper.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 import warnings
 import weakref
@@ -32,8 +36,8 @@ import torch
 
 from . import masks as M
 from .accounting import kept_count
-from .errors import TokencompError, UnsupportedModelError
-from .interfaces import LayerView, Stage
+from .errors import PluginError, UnsupportedModelError, UsageError
+from .interfaces import LayerView, Schedule, Stage
 from .plugins import registry
 from .probes import attention_rows
 from .ranking import best_mask
@@ -85,7 +89,7 @@ class _LayerMeta:
 class _CacheMeta:
     """Metadata stored on the cache object after a compressed prefill (reordered with beam search)."""
 
-    handle_id: int
+    owner: "weakref.ref"  # the Handle that compacted the cache (weak: the cache must not keep it alive)
     prefill_len: int
     layers: dict[int, _LayerMeta]
 
@@ -99,7 +103,7 @@ class _CacheMeta:
 class _Forward:
     """State of one forward call (one prefill or one decode step) on one thread."""
 
-    mode: str  # "prune" or "decode"
+    mode: str  # "prefill" or "decode"
     cache_meta: Optional[_CacheMeta] = None
     # prefill
     length: int = 0
@@ -112,6 +116,8 @@ class _Forward:
     full: Optional[dict] = None  # full-length layer kwargs captured at layer 0
     cur: Optional[dict] = None  # gathered layer kwargs for the current idx
     prev_hidden: Optional[torch.Tensor] = None
+    prev_output: Optional[torch.Tensor] = None  # output of the layer before a variation stage
+    keeps: dict = field(default_factory=dict)  # stage layer -> (B,) keep ratios of an input-dependent schedule
     embeddings: Optional[torch.Tensor] = None
     capture: dict = field(default_factory=dict)  # layer -> {"q": ..., "k": ...}
     probe_queries: dict = field(default_factory=dict)  # drop layer -> (B, Q) query indices at layer - 1
@@ -141,6 +147,10 @@ class Handle:
             raise UnsupportedModelError(f"{type(model).__name__}: the adapter found no image/video token id in the config")
         self._check_supported()
         self.kind = M.mask_kind(self.text_config._attn_implementation)
+        # A schedule whose keep ratios depend on each input's vision-token count (e.g. `budget`).
+        self._adaptive = type(recipe.schedule).keeps_for is not Schedule.keeps_for
+        self._keep_cache: dict[int, list[float]] = {}
+        self._warned_grad = False
         self._last_stats = Stats()
         self._tls = threading.local()
         self._hooks: list = []
@@ -155,12 +165,7 @@ class Handle:
     def _check_supported(self) -> None:
         cfg, model = self.text_config, self.model
         impl = cfg._attn_implementation or "eager"
-        try:
-            M.mask_kind(impl)
-        except ValueError:
-            raise UnsupportedModelError(
-                f"attention implementation {impl!r} is not supported by tokencomp (use eager, sdpa or flash_attention_2)"
-            ) from None
+        M.mask_kind(impl)
         layer_types = getattr(cfg, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types) or (
             getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None)
@@ -187,13 +192,25 @@ class Handle:
     def _install(self) -> None:
         with _active_lock:
             if self.model in _active:
-                raise RuntimeError(
+                raise UsageError(
                     f"a tokencomp recipe is already applied to this {type(self.model).__name__}; remove() it first"
                 )
             _active[self.model] = self
         try:
-            self._hooks.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
-            self._hooks.append(self.model.register_forward_hook(self._post_forward, with_kwargs=True, always_call=True))
+            model = self.model
+            had = "forward" in vars(model)
+            previous = vars(model).get("forward")
+            guard = _GuardedForward(self, model.forward)
+            model.forward = guard
+
+            def restore():
+                if vars(model).get("forward") is guard:
+                    if had:
+                        model.forward = previous
+                    else:
+                        del model.forward
+
+            self._undo.append(restore)
             for i, layer in enumerate(self.layers):
                 self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             for stage in self.stages:
@@ -202,6 +219,8 @@ class Handle:
                     for name in ("q", "k"):
                         proj = getattr(attn, f"{name}_proj")
                         self._hooks.append(proj.register_forward_hook(self._capture_hook(stage.layer - 1, name)))
+                if stage.scorer.needs_prev_hidden:
+                    self._hooks.append(self.layers[stage.layer - 1].register_forward_hook(self._output_hook()))
             undo = self.adapter.install(self.model, self)
             if undo is not None:
                 self._undo.append(undo)
@@ -264,7 +283,12 @@ class Handle:
         return self._set_opt("replay", kept_positions)
 
     def vision_mask(self, mask: torch.Tensor):
-        """Context manager: the (B, L) bool vision-token mask for ``inputs_embeds``-only calls."""
+        """Context manager: the (B, L) bool vision-token mask for ``inputs_embeds``-only calls.
+
+        Its shape must be the (batch, sequence) shape of the prefill's inputs (checked at the call)."""
+        if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise UsageError(f"handle.vision_mask needs a (batch, sequence) bool tensor; got {got}")
         return self._set_opt("explicit_mask", mask)
 
     def current(self) -> Optional[_Forward]:
@@ -272,48 +296,61 @@ class Handle:
         stack = self._opt("stack")
         return stack[-1] if stack else None
 
-    # ------------------------------------------------------------------ top-level hooks
+    # ------------------------------------------------------------------ the model's forward
 
-    def _pre_forward(self, module, args, kwargs):
+    def _run_forward(self, inner, args, kwargs):
         stack = self._opt("stack")
         if stack is None:
             stack = []
             self._tls.stack = stack
-        stack.append(self._start(args, kwargs))
-        return None
-
-    def _post_forward(self, module, args, kwargs, output):
-        stack = self._opt("stack")
-        state = stack.pop() if stack else None
-        if state is not None and state.mode == "prune" and state.stats is not None:
+        state = self._start(args, kwargs)
+        stack.append(state)
+        try:
+            out = inner(*args, **kwargs)
+        finally:
+            # Also on KeyboardInterrupt: no state (which holds the cache) outlives its call.
+            stack.pop()
+        if state is not None and state.mode == "prefill" and state.stats is not None:
             self._finish_stats(state)
-        return None
+        return out
 
     def _start(self, args, kwargs) -> Optional[_Forward]:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         meta = getattr(cache, _META_ATTR, None) if cache is not None else None
-        if isinstance(meta, _CacheMeta) and meta.handle_id == id(self) and cache.get_seq_length() > 0:
+        if isinstance(meta, _CacheMeta) and cache.get_seq_length() > 0:
+            if meta.owner() is not self:
+                raise UsageError(
+                    "this KV cache was compacted by another tokencomp handle (since removed, or applied to another "
+                    "model); its layers hold different token counts. Finish generating under the handle that filled "
+                    "it, or start from a fresh cache"
+                )
             return _Forward("decode", cache_meta=meta)
+        if cache is not None and cache.get_seq_length() > 0:
+            return None  # chunked/multi-turn prefill onto a cache we did not compress: untouched
         explicit = self._opt("explicit_mask")
         embeds = kwargs.get("inputs_embeds")
-        seq_len = embeds.shape[1] if embeds is not None else (input_ids.shape[1] if input_ids is not None else 0)
-        if explicit is not None and explicit.shape[-1] == seq_len:
-            is_vision = explicit.to(torch.bool)
-        elif input_ids is not None and input_ids.shape[1] == seq_len and seq_len > 0:
+        ref = embeds if embeds is not None else input_ids
+        if explicit is not None:
+            if ref is None or tuple(explicit.shape) != tuple(ref.shape[:2]):
+                got = "no input_ids or inputs_embeds" if ref is None else f"inputs of shape {tuple(ref.shape[:2])}"
+                raise UsageError(
+                    f"handle.vision_mask: the mask has shape {tuple(explicit.shape)} but the call has {got} "
+                    "(both must be (batch, sequence))"
+                )
+            is_vision = explicit.to(device=ref.device, dtype=torch.bool)
+        elif embeds is None and input_ids is not None and input_ids.ndim == 2 and input_ids.shape[1] > 0:
             is_vision = torch.isin(input_ids, self.vision_ids.to(input_ids.device))
         else:
-            if embeds is not None and explicit is None:
+            if embeds is not None:
                 warnings.warn(
                     "tokencomp: inputs_embeds-only call without a vision mask; nothing is compressed. "
                     "Wrap the call in `with handle.vision_mask(mask):`",
-                    stacklevel=3,
+                    stacklevel=6,
                 )
             return None
         if not bool(is_vision.any()):
             return None  # text-only prompt: untouched
-        if cache is not None and cache.get_seq_length() > 0:
-            return None  # chunked/multi-turn prefill onto a cache we did not compress: untouched
         if cache is not None and not _is_dynamic(cache):
             raise UnsupportedModelError(
                 f"{type(cache).__name__} is not supported: layers hold different numbers of tokens after a "
@@ -327,7 +364,34 @@ class Handle:
         pos = torch.arange(L, device=is_vision.device).expand(B, L)
         last = torch.where(valid, pos, torch.full_like(pos, -1)).max(dim=1).values
         groups = self.adapter.vision_groups(is_vision, kwargs)
-        return _Forward("prune", length=L, is_vision=is_vision, valid=valid, groups=groups, last=last, stats=Stats())
+        if not self._warned_grad and (torch.is_grad_enabled() or self.model.training):
+            self._warned_grad = True
+            warnings.warn(
+                "tokencomp: a compressed forward runs with gradients enabled or in training mode; its outputs cover "
+                "only the kept tokens (shorter than the inputs) and gradients reach only those. For inference use "
+                "torch.no_grad() (generate does) and model.eval()",
+                stacklevel=6,
+            )
+        keeps = self._keeps_for(is_vision) if self._adaptive else {}
+        return _Forward(
+            "prefill", length=L, is_vision=is_vision, valid=valid, groups=groups, last=last, keeps=keeps, stats=Stats()
+        )
+
+    def _keeps_for(self, is_vision: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per-sample keep ratios of every stage from an input-dependent schedule (one solve per count)."""
+        rows = []
+        for n in is_vision.sum(1).tolist():
+            if n not in self._keep_cache:
+                got = [float(k) for k in self.recipe.schedule.keeps_for(self.num_layers, n)]
+                if len(got) != len(self.stages) or not all(0.0 <= k <= 1.0 for k in got):
+                    raise PluginError(
+                        f"schedule {self.recipe.schedule.name!r}: keeps_for({self.num_layers}, {n}) gave {got}; expected "
+                        f"{len(self.stages)} keep ratios in [0, 1], one per stage"
+                    )
+                self._keep_cache[n] = got
+            rows.append(self._keep_cache[n])
+        table = torch.tensor(rows, dtype=torch.float64, device=is_vision.device)
+        return {s.layer: table[:, j] for j, s in enumerate(self.stages)}
 
     # ------------------------------------------------------------------ decoder-layer hooks
 
@@ -338,6 +402,7 @@ class Handle:
                 return None
             if state.mode == "decode":
                 return self._decode_layer(state, layer_idx, args, kwargs)
+            assert state.mode == "prefill"
             return self._prefill_layer(state, layer_idx, module, args, kwargs)
 
         return hook
@@ -345,8 +410,18 @@ class Handle:
     def _capture_hook(self, layer_idx: int, name: str):
         def hook(module, args, output):
             state = self.current()
-            if state is not None and state.mode == "prune" and layer_idx in state.capture:
+            if state is not None and state.mode == "prefill" and layer_idx in state.capture:
                 state.capture[layer_idx][name] = output
+
+        return hook
+
+    def _output_hook(self):
+        def hook(module, args, output):
+            state = self.current()
+            if state is not None and state.mode == "prefill":
+                # The layer's own output: a model may add to the residual stream between layers
+                # (Qwen3-VL deepstack), which is not the layer's variation.
+                state.prev_output = output[0] if isinstance(output, tuple) else output
 
         return hook
 
@@ -388,34 +463,45 @@ class Handle:
     def _current(self, state: _Forward, name: str):
         return (state.cur or state.full)[name]
 
-    def _view(self, state: _Forward, layer: int, hidden, stage: Stage, attention=None, prev=None) -> LayerView:
+    def _view(self, state: _Forward, layer: int, hidden, stage: Stage, attention=None, prev=None, prev_out=None) -> LayerView:
         B, S = hidden.shape[:2]
-        idx = state.idx if state.idx is not None else torch.arange(S, device=hidden.device).expand(B, S)
+        idx = self._index(state, hidden)
         alive = state.alive if state.alive is not None else torch.ones(B, S, dtype=torch.bool, device=hidden.device)
         is_vision = state.is_vision.gather(1, idx)
+        # The last real token produces the next token: it is never a candidate, even when a
+        # prompt ends with vision tokens.
+        pinned = idx == state.last[:, None]
         valid = state.valid.gather(1, idx)
         last = (idx <= state.last[:, None]).sum(1) - 1
         emb = M.gather_seq(state.embeddings, idx, 1) if state.embeddings is not None and state.idx is not None else state.embeddings
         return LayerView(
             layer=layer,
             hidden=hidden,
-            vision_mask=is_vision & alive,
+            vision_mask=is_vision & alive & ~pinned,
             text_mask=valid & ~is_vision,
             last_index=last,
             positions=idx,
             groups=state.groups.gather(1, idx),
             token_index=(torch.cumsum(state.valid.long(), 1) - 1).gather(1, idx),
             prev_hidden=prev,
+            prev_output=prev_out if prev is not None else None,
             embeddings=emb,
             attention=attention,
             keep=stage.keep,
         )
 
+    @staticmethod
+    def _index(state: _Forward, hidden) -> torch.Tensor:
+        """(B, S) original indices of the current tokens."""
+        if state.idx is not None:
+            return state.idx
+        B, S = hidden.shape[:2]
+        return torch.arange(S, device=hidden.device).expand(B, S)
+
     def _probe(self, state: _Forward, stage: Stage, module, hidden) -> torch.Tensor:
         """Attention rows for ``stage``'s scorer, from layer ``l-1``'s captured projections or layer ``l``'s own."""
-        B, S = hidden.shape[:2]
         cos, sin = self._current(state, "position_embeddings")
-        idx = state.idx if state.idx is not None else torch.arange(S, device=hidden.device).expand(B, S)
+        idx = self._index(state, hidden)
         key_valid = state.valid.gather(1, idx)
         if state.alive is not None:
             key_valid = key_valid & state.alive
@@ -423,7 +509,7 @@ class Handle:
             got = state.capture.pop(stage.layer - 1, {})
             queries = state.probe_queries.pop(stage.layer)
             if "q" not in got or "k" not in got:
-                raise RuntimeError(f"attention projections of layer {stage.layer - 1} were not captured")
+                raise UnsupportedModelError(f"attention projections of layer {stage.layer - 1} were not captured")
             q_rows = M.gather_seq(got["q"], queries.clamp(min=0), 1)
             attn = self.layers[stage.layer - 1].self_attn
             return attention_rows(attn, q_rows, got["k"], cos, sin, queries, key_valid)
@@ -438,53 +524,60 @@ class Handle:
         B, S = hidden.shape[:2]
         dev = hidden.device
         attention = self._probe(state, stage, module, hidden) if stage.scorer.attention else None
-        view = self._view(state, stage.layer, hidden, stage, attention=attention, prev=state.prev_hidden)
-        state.prev_hidden = None
-        cand = view.vision_mask
+        view = self._view(state, stage.layer, hidden, stage, attention, state.prev_hidden, state.prev_output)
+        state.prev_hidden = state.prev_output = None
+        idx = self._index(state, hidden)
+        is_vision_cur = state.is_vision.gather(1, idx)
+        pinned = is_vision_cur & (idx == state.last[:, None])  # a vision token that ends the prompt
+        cand = view.vision_mask.clone()  # the engine's own copy: plugins only see the view
         n = cand.sum(1)
-        budget = kept_count(n, stage.keep)
+        budget = kept_count(n, state.keeps.get(stage.layer, stage.keep))
         replay = self._opt("replay")
         if replay is not None and stage.layer in replay:
             wanted = replay[stage.layer]
             kept = torch.zeros_like(cand)
             for b in range(B):
-                kept[b] = cand[b] & torch.isin(view.positions[b], wanted[b].to(dev))
+                kept[b] = cand[b] & torch.isin(idx[b], wanted[b].to(dev))
             scores = kept.float()
         elif bool(n.any()):
+            versions = _versions(view)
             scores = stage.scorer.score(view)
-            if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (B, S):
-                got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-                raise TokencompError(f"scorer {stage.scorer.name!r} returned {got}; expected a (B, S) = {(B, S)} tensor")
+            _check_scores(scores, stage, (B, S), dev, cand)
+            _check_untouched(view, versions, f"scorer {stage.scorer.name!r}")
             kept = stage.selector.select(scores, view, budget)
-            if not isinstance(kept, torch.Tensor) or kept.shape != cand.shape or kept.dtype != torch.bool:
-                raise TokencompError(f"selector {stage.selector.name!r} must return a (B, S) bool tensor")
-            kept = kept & cand
+            if not isinstance(kept, torch.Tensor) or tuple(kept.shape) != (B, S) or kept.dtype != torch.bool:
+                got = f"{tuple(kept.shape)} {kept.dtype}" if isinstance(kept, torch.Tensor) else type(kept).__name__
+                raise PluginError(
+                    f"selector {stage.selector.name!r} at layer {stage.layer} returned {got}; expected a (B, S) = "
+                    f"{(B, S)} bool tensor"
+                )
+            _check_untouched(view, versions, f"selector {stage.selector.name!r}")
+            kept = kept.to(dev) & cand
         else:
             scores = torch.zeros(B, S, device=dev)
             kept = torch.zeros_like(cand)
-        is_vision_cur = state.is_vision.gather(1, view.positions)
-        base = ~is_vision_cur
+        base = ~is_vision_cur | pinned
         keep = base | kept
         row_len = keep.sum(1)
         S_new = int(row_len.max())
         fill = S_new - row_len
         if bool(fill.any()):
             # Ragged batch: pad short rows with the next-best vision tokens, marked dead.
-            spare = is_vision_cur & ~kept
+            spare = is_vision_cur & ~keep
             fill_scores = torch.where(cand, scores.float(), torch.full_like(scores, -1e30, dtype=torch.float32))
             keep = keep | best_mask(fill_scores, spare, fill)
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :S_new]
         new_alive = (base | kept).gather(1, order)
-        new_idx = view.positions.gather(1, order)
+        new_idx = idx.gather(1, order)
         hidden = M.gather_seq(hidden, order, 1)
         state.idx, state.alive = new_idx, new_alive
-        state.counts[stage.layer] = kept.sum(1)
+        state.counts[stage.layer] = kept.sum(1) + pinned.sum(1)
         state.kept[stage.layer] = [new_idx[b][(new_alive[b] & state.is_vision[b].gather(0, new_idx[b]))] for b in range(B)]
         self._regather(state, hidden.dtype)
         if state.cache is not None:
             meta = getattr(state.cache, _META_ATTR, None)
-            if not isinstance(meta, _CacheMeta) or meta.handle_id != id(self):
-                meta = _CacheMeta(id(self), state.length, {})
+            if not isinstance(meta, _CacheMeta) or meta.owner() is not self:
+                meta = _CacheMeta(weakref.ref(self), state.length, {})
                 _attach(state.cache, meta)
             state.cache_meta = meta
         return hidden
@@ -550,16 +643,91 @@ def _is_dynamic(cache) -> bool:
     return all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", []))
 
 
+class _CompactedCache:
+    """Put in front of a cache's class after a compressed prefill: keeps our metadata in step with
+    beam search, and refuses to decode once the handle that compacted it is gone (an unhooked model
+    would otherwise fail deep inside attention, or silently read the wrong columns).
+
+    A class, not patched instance methods: no reference cycle through the cache (it is freed as
+    soon as its user drops it), and ``copy.deepcopy`` of the cache stays correct."""
+
+    def update(self, *args, **kwargs):
+        owner = self.__dict__[_META_ATTR].owner()
+        if owner is None or owner._removed:
+            raise UsageError(
+                "this KV cache was compacted by a tokencomp recipe that has since been removed; its layers hold "
+                "different token counts. Finish generating before remove(), or start from a fresh cache"
+            )
+        return super().update(*args, **kwargs)
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)
+        self.__dict__[_META_ATTR].reorder(beam_idx)
+
+
+_compacted_classes: dict[type, type] = {}
+
+
 def _attach(cache, meta: _CacheMeta) -> None:
-    """Store ``meta`` on the cache and keep it in sync when beam search reorders the cache."""
+    """Store ``meta`` on the cache and give it the :class:`_CompactedCache` behaviour."""
     setattr(cache, _META_ATTR, meta)
-    original = cache.reorder_cache
+    cls = type(cache)
+    if issubclass(cls, _CompactedCache):
+        return
+    sub = _compacted_classes.get(cls)
+    if sub is None:
+        name = f"Compacted{cls.__name__}"
+        sub = type(name, (_CompactedCache, cls), {"__module__": __name__, "__qualname__": name})
+        globals().setdefault(name, sub)  # picklable by name
+        _compacted_classes[cls] = sub
+    cache.__class__ = sub
 
-    def reorder_cache(beam_idx, _original=original, _meta=meta):
-        _original(beam_idx)
-        _meta.reorder(beam_idx)
 
-    cache.reorder_cache = reorder_cache
+class _GuardedForward:
+    """The model's ``forward`` while a recipe is applied (see the module docstring)."""
+
+    def __init__(self, handle: Handle, inner):
+        self._handle = handle
+        self._inner = inner
+        functools.update_wrapper(self, inner)  # generate() inspects the wrapped signature
+
+    def __call__(self, *args, **kwargs):
+        return self._handle._run_forward(self._inner, args, kwargs)
+
+    def __deepcopy__(self, memo):
+        raise UsageError(
+            "cannot copy.deepcopy a model while a tokencomp recipe is applied to it: the copy would share this "
+            "handle's hooks. Copy before apply() or after remove(), then apply the recipe to the copy"
+        )
+
+    def __reduce__(self):
+        raise UsageError("cannot pickle a model while a tokencomp recipe is applied to it; remove() it first")
+
+
+def _versions(view: LayerView) -> dict[str, int]:
+    """In-place version counters of the view's tensors (to detect a plugin writing into them)."""
+    return {f.name: v._version for f in dataclasses.fields(view) if isinstance(v := getattr(view, f.name), torch.Tensor)}
+
+
+def _check_untouched(view: LayerView, versions: dict[str, int], who: str) -> None:
+    for name, version in versions.items():
+        if getattr(view, name)._version != version:
+            raise PluginError(f"{who} at layer {view.layer} modified view.{name} in place; plugins must treat the view as read-only")
+
+
+def _check_scores(scores, stage: Stage, shape: tuple, device, cand: torch.Tensor) -> None:
+    """A scorer's output: a (B, S) real tensor on the hidden states' device, no NaN on candidates.
+    ±inf are valid scores (certainly keep / certainly drop); NaN has no order and is an error."""
+    who = f"scorer {stage.scorer.name!r} at layer {stage.layer}"
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != shape:
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise PluginError(f"{who} returned {got}; expected a (B, S) = {shape} tensor")
+    if scores.device != device:
+        raise PluginError(f"{who} returned scores on {scores.device}; the hidden states are on {device}")
+    if scores.dtype == torch.bool or scores.is_complex():
+        raise PluginError(f"{who} returned {scores.dtype} scores; expected real numbers")
+    if scores.is_floating_point() and bool((torch.isnan(scores) & cand).any()):
+        raise PluginError(f"{who} returned NaN scores for live vision tokens")
 
 
 def apply(model: torch.nn.Module, recipe) -> Handle:

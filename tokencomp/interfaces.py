@@ -33,7 +33,8 @@ class LayerView:
     text_mask: torch.Tensor
     """``(B, S)`` bool: real (non-padding) text tokens."""
     last_index: torch.Tensor
-    """``(B,)`` long: index of each sample's last real token (the query that generates the answer)."""
+    """``(B,)`` long: index of each sample's last real token (the query that generates the answer).
+    That token is never a candidate (not in ``vision_mask``), even when the prompt ends with vision tokens."""
     positions: torch.Tensor
     """``(B, S)`` long: each token's position in the original, uncompressed sequence."""
     groups: torch.Tensor
@@ -43,6 +44,10 @@ class LayerView:
     so it does not depend on how the sample was padded in a batch."""
     prev_hidden: Optional[torch.Tensor] = None
     """``(B, S, D)`` residual stream that entered ``layer - 1`` (only if the scorer sets ``needs_prev_hidden``)."""
+    prev_output: Optional[torch.Tensor] = None
+    """``(B, S, D)`` output of layer ``layer - 1`` itself (with ``prev_hidden``). It is ``hidden`` unless the
+    model adds something to the residual stream between layers (Qwen3-VL's deepstack features), so
+    ``prev_output - prev_hidden`` is what layer ``layer - 1`` did to each token."""
     embeddings: Optional[torch.Tensor] = None
     """``(B, S, D)`` input embeddings of the current tokens (only if the scorer sets ``needs_embeddings``)."""
     attention: Optional[torch.Tensor] = None
@@ -148,6 +153,12 @@ class Schedule(_Plugin):
 
     def stages(self, num_layers: int) -> Sequence[Stage]:  # pragma: no cover - interface
         """Return the stages, layers strictly increasing, for a decoder with ``num_layers`` layers."""
+        raise NotImplementedError
+
+    def keeps_for(self, num_layers: int, vision_tokens: int) -> Sequence[float]:
+        """Keep ratios of :meth:`stages`, in order, for a sample that brings ``vision_tokens`` vision
+        tokens. Override only when they depend on that count (the engine then calls this once per
+        distinct count, per sample of every prefill); the default says they do not."""
         raise NotImplementedError
 
 

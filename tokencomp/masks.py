@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from .errors import UnsupportedModelError
+
 EAGER, SDPA, FLASH = "eager", "sdpa", "flash"
 
 
@@ -27,7 +29,7 @@ def mask_kind(attn_implementation: str) -> str:
         return SDPA
     if name == "eager":
         return EAGER
-    raise ValueError(name)
+    raise UnsupportedModelError(f"attention implementation {name!r} is not supported by tokencomp (use eager, sdpa or flash_attention_2)")
 
 
 def gather_seq(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
@@ -92,7 +94,7 @@ def gather_prefill_mask(
     elif mask.ndim == 4:
         compact = gather_seq(gather_seq(mask, idx, 2), idx, 3)
     else:
-        raise ValueError(f"unsupported attention mask of shape {tuple(mask.shape)}")
+        raise UnsupportedModelError(f"unsupported attention mask of shape {tuple(mask.shape)} (expected 2-D or 4-D)")
     if not has_dead:
         return compact
     if compact.ndim == 2:
@@ -131,7 +133,7 @@ def remap_decode_mask(
     elif mask.ndim == 4:
         mask = gather_seq(mask, cols, 3)
     else:
-        raise ValueError(f"unsupported attention mask of shape {tuple(mask.shape)}")
+        raise UnsupportedModelError(f"unsupported attention mask of shape {tuple(mask.shape)} (expected 2-D or 4-D)")
     if not has_dead:
         return mask
     if mask.ndim == 2:

@@ -79,7 +79,7 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
         def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
             state = engine.current()
-            if state is None or state.mode != "prune" or state.idx is None:
+            if state is None or state.mode != "prefill" or state.idx is None:
                 return original(hidden_states, visual_pos_masks, visual_embeds)
             full = visual_pos_masks.to(torch.bool)
             # Row of each vision token in visual_embeds: its rank among vision tokens, row-major.

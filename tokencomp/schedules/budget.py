@@ -3,6 +3,8 @@
 This is what the papers mean by 192/128/64 tokens for progressive methods: ``N̄ = (1/L) Σ_l n_l``.
 The solver puts the stages at depth fractions and finds one keep ratio ``r`` shared by every stage
 but the last (whose keep is ``final``, 0 by default), by bisection: ``N̄`` grows with ``r``.
+At run time the ratios are solved again for each sample's actual vision-token count, so
+``tokens: 192`` means 192 on a 576-token image and on a 2880-token one alike.
 """
 
 from __future__ import annotations
@@ -42,26 +44,32 @@ class BudgetSchedule(Schedule):
     name = "budget"
 
     tokens: float = 192.0
-    """Target average vision tokens per decoder layer."""
+    """Target average vision tokens per decoder layer, for every input (more than it has: keep all)."""
     vision_tokens: int = 576
-    """Vision tokens the budget refers to (576 for a LLaVA-1.5 image)."""
+    """Vision-token count the static description (``validate``, ``describe``) is solved for; at run
+    time each sample's own count is used."""
     depth: tuple[float, ...] = (3 / 32, 17 / 32, 22 / 32)
     """Drop layers as depth fractions (V²Drop's 3/17/22 of 32 by default)."""
     final: float = 0.0
     """Keep ratio of the last stage (0 drops every remaining vision token)."""
 
     def __post_init__(self):
-        if not 0 <= self.tokens <= self.vision_tokens:
-            raise ValueError(f"tokens must be between 0 and vision_tokens ({self.vision_tokens}), got {self.tokens}")
+        if not self.tokens >= 0:
+            raise ValueError(f"tokens must be >= 0, got {self.tokens}")
+        if not self.vision_tokens >= 1:
+            raise ValueError(f"vision_tokens must be >= 1, got {self.vision_tokens}")
         if not self.depth:
             raise ValueError("depth needs at least one drop layer fraction")
         check_fractions([self.final], self.depth)
 
     def stages(self, num_layers: int):
         layers = scale_layers(self.depth, num_layers)
-        r = solve_keep(self.tokens, layers, num_layers, self.vision_tokens, self.final)
-        keeps = [r] * (len(layers) - 1) + [self.final]
-        return [Stage(layer, k) for layer, k in zip(layers, keeps)]
+        return [Stage(layer, k) for layer, k in zip(layers, self.keeps_for(num_layers, self.vision_tokens))]
+
+    def keeps_for(self, num_layers: int, vision_tokens: int) -> list[float]:
+        layers = scale_layers(self.depth, num_layers)
+        r = solve_keep(self.tokens, layers, num_layers, vision_tokens, self.final)
+        return [r] * (len(layers) - 1) + [self.final]
 
 
 @tokencomp.hookimpl

@@ -32,7 +32,7 @@ def split_budget(counts: torch.Tensor, budget: torch.Tensor, min_per_group: int)
     frac = torch.where(alloc < room, exact - alloc, torch.full_like(exact, -1.0))
     order = torch.sort(frac, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     alloc = alloc + (rank < short[:, None]).long()
     return floor_min + torch.minimum(alloc, room)
 
