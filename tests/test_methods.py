@@ -624,7 +624,9 @@ def test_solve_keep_edges():
     r = solve_keep(250, [8, 16, 24], 32, 576, final=0.5)
     assert average_tokens(_stages([8, 16, 24], (r, r, 0.5)), 32, 576) <= 250
     with pytest.raises(ValueError):
-        BudgetSchedule(tokens=600)
+        BudgetSchedule(tokens=-1)
+    # A budget above the image's count is not an error: it is solved per input, keeping everything.
+    assert [s.keep for s in BudgetSchedule(tokens=600).stages(32)] == [1.0, 1.0, 0.0]
 
 
 def test_v2drop_schedule_scales_with_depth():
