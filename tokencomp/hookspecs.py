@@ -3,6 +3,10 @@
 A plugin is a module (or object) with functions decorated by :data:`hookimpl`. Each hook receives a
 ``register`` callable and calls it with classes; the registry records which plugin provided each
 class. Built-in plugins use exactly these hooks (see ``tokencomp.plugins.BUILTIN_PACKAGES``).
+A class's ``name`` must be unique per kind: a built-in name cannot be taken over, and only built-ins
+may be marked ``default`` (see ``tokencomp.plugins``). Recipe parameters are the dataclass fields,
+checked against their type hints and their ``min`` / ``max`` metadata (see
+``tokencomp.recipe.build_plugin``).
 
 Example::
 
