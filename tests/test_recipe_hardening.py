@@ -311,3 +311,9 @@ def test_explicit_tags_are_one_line_recipe_errors(text, pattern):
 
 def test_unacceptable_character_is_one_line():
     _raises("name: x\nselector: top\x07k\n" + S, 2, r"^YAML error: unacceptable character #x0007")
+
+
+def test_tab_reparsing_is_bounded():
+    """Each rejected tab costs a re-parse; past a bound the text is refused, still as a RecipeError."""
+    load_recipe("name:" + "\t" * 50 + "x\n" + S)
+    _raises("name:" + "\t" * 1200 + "x\n" + S, 1, r"^YAML syntax error: found character '\\t'")

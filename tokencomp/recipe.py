@@ -192,15 +192,17 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     # separating white space inside a line (`keep:<TAB>0.5`, a tab before a comment). Each tab the
     # scanner rejects after the first non-blank character of its line is read as a space, and the
     # text is parsed again; a tab in the indentation stays an error. Line numbers are unchanged.
-    for _ in range(min(text.count("\t"), 1000) + 1):
+    retries = 1000  # bounds the re-parsing of a pathological text
+    while True:
         try:
             node = yaml.compose(text, Loader=_Loader)
             break
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             tab = mark is not None and "'\\t'" in str(exc.problem) and text[mark.index : mark.index + 1] == "\t"
-            if tab and text[text.rfind("\n", 0, mark.index) + 1 : mark.index].strip():
-                text = text[: mark.index] + " " + text[mark.index + 1 :]
+            indent = tab and not text[text.rfind("\n", 0, mark.index) + 1 : mark.index].strip()
+            if tab and not indent and retries:
+                text, retries = text[: mark.index] + " " + text[mark.index + 1 :], retries - 1
                 continue
             # A problem found at the end of the stream (an unclosed bracket or quote) is reported on the
             # last line of the text, not on the line after it, with where the construct started.
@@ -209,7 +211,7 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
             msg = f"YAML syntax error: {_flat(exc.problem or exc)}"
             if exc.context and exc.context_mark is not None and exc.context_mark is not mark:
                 msg += f" ({_flat(exc.context)} started at line {exc.context_mark.line + 1})"
-            raise RecipeError(msg + (_TAB_HINT if tab else ""), source=source, line=line) from None
+            raise RecipeError(msg + (_TAB_HINT if indent else ""), source=source, line=line) from None
         except yaml.reader.ReaderError as exc:  # a character YAML does not allow
             line = text.count("\n", 0, max(exc.position, 0)) + 1
             raise RecipeError(f"YAML error: {_flat(str(exc).splitlines()[0])}", source=source, line=line) from None
