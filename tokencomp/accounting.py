@@ -25,7 +25,7 @@ def average_tokens(stages: Sequence, num_layers: int, n: int, min_keep: int = 0)
 
 
 def kept_count(n, keep):
-    """``int(n * keep)`` exactly as the official V²Drop code computes it: the float64 product,
+    """``int(n * keep)`` exactly as the official method code computes it: the float64 product,
     truncated. Binary floating point shows through (``0.7 * 90 = 62.99…`` → 62, ``0.3 * 10`` → 3),
     which keeps paper reproductions at the same counts. ``n``: an int or a tensor of counts;
     ``keep``: a float, or a (B,) tensor of per-sample ratios."""

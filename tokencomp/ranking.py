@@ -10,8 +10,8 @@ def best_mask(scores: torch.Tensor, candidates: torch.Tensor, budget: torch.Tens
 
     Every candidate outranks every non-candidate, whatever its score (``-inf`` included), so exactly
     ``min(budget, #candidates)`` are kept. Ties go to the earlier token (stable sorts), so results
-    do not depend on the batch layout (the official V²Drop code takes ``torch.topk``'s order among
-    ties, which is unspecified).
+    do not depend on the batch layout (official method code takes the unspecified order of torch's
+    top-k among ties).
     """
     masked = torch.where(candidates, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
