@@ -252,8 +252,7 @@ def test_post_init_value_error_is_a_located_one_line_recipe_error(bounded):
 def test_builtin_selector_counts_reject_negatives(selector, param):
     """`min_keep: -5` / `min_per_group: -3` make no sense; the fields declare metadata={"min": 0}."""
     cls = tokencomp.plugins.registry().get("selector", selector)
-    if "min" not in cls.params()[param].metadata:
-        pytest.xfail(f"{cls.__module__}.{cls.__name__}.{param} does not declare metadata={{'min': 0}} yet")
+    assert cls.params()[param].metadata["min"] == 0
     _raises(f"name: x\nselector: {{name: {selector}, {param}: -3}}\n" + S, 2, rf"^selector '{selector}' parameter '{param}' must be >= 0, got -3$")
     load_recipe(f"selector: {{name: {selector}, {param}: 0}}\n" + S)
 

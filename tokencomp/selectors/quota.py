@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,7 +43,7 @@ class PerGroupQuota(Selector):
 
     name = "quota"
 
-    min_per_group: int = 1
+    min_per_group: int = field(default=1, metadata={"min": 0})
     """Tokens every image/frame keeps when the budget allows (0: pure proportional split)."""
 
     def select(self, scores, view: LayerView, budget):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,7 +18,7 @@ class TopK(Selector):
     name = "topk"
     default = True
 
-    min_keep: int = 0
+    min_keep: int = field(default=0, metadata={"min": 0})
     """Keep at least this many (the official V²Drop code uses ``max(1, ·)``: set 1 to mimic it)."""
 
     def select(self, scores, view: LayerView, budget):
