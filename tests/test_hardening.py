@@ -413,3 +413,35 @@ def test_qwen3_vl_variation_is_the_layers_own_update_not_the_deepstack_injection
     with tokencomp.apply(model, make_recipe(V2DropScorer(), [(2, 0.25)])) as h, torch.no_grad():
         model(**inputs)
         assert torch.equal(h.stats.kept_positions[2][0], want)
+
+
+# ------------------------------------------------------------------ the error-type promise of errors.py
+
+
+def test_core_raises_only_tokencomp_errors():
+    """errors.py promises that every user-facing failure is a tokencomp error. Core modules raise
+    nothing else; plugin classes may raise ValueError in ``__post_init__`` (the recipe loader turns it
+    into a located RecipeError) and abstract interface methods NotImplementedError."""
+    import ast
+    from pathlib import Path
+
+    import tokencomp.errors as errors
+
+    allowed = {n for n in dir(errors) if n.endswith("Error")} | {"KeyboardInterrupt", "SystemExit", "BenchInterrupted"}
+    # Protocols, not failures: module __getattr__, argparse's type= converters.
+    allowed |= {"AttributeError", "ArgumentTypeError"}
+    root = Path(tokencomp.__file__).parent
+    plugin_dirs = {"scorers", "selectors", "schedules", "toy"}
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in plugin_dirs or rel.name in ("testing.py", "interfaces.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                name = exc.attr if isinstance(exc, ast.Attribute) else getattr(exc, "id", None)
+                abstract = name == "NotImplementedError" and not isinstance(node.exc, ast.Call)
+                if name and name[0].isupper() and name not in allowed and not abstract:
+                    bad.append(f"{rel}:{node.lineno}: raise {name}")
+    assert not bad, "\n".join(bad)

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from .errors import UnsupportedModelError
 from .interfaces import token_runs
 
 
@@ -101,12 +102,12 @@ def token_layout(model, inputs: dict, sample: int = 0) -> list[Region]:
         for i, (a, b) in enumerate(runs):
             side = int(round((b - a) ** 0.5))
             if side * side != b - a:
-                raise NotImplementedError(f"image {i} has {b - a} tokens, not a square grid")
+                raise UnsupportedModelError(f"image {i} has {b - a} tokens, not a square grid")
             out.append(Region(i, 0, "image", _grid(a, side, side)))
         return out
     if name in ("LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"):
         return _anyres_layout(model, inputs, sample, runs)
-    raise NotImplementedError(f"no token layout for {name}")
+    raise UnsupportedModelError(f"no token layout for {name}")
 
 
 def _qwen_layout(cfg, inputs, sample, ids, img_id, vid_id) -> list[Region]:
@@ -146,7 +147,7 @@ def _anyres_layout(model, inputs, sample, runs) -> list[Region]:
     pixel = inputs["pixel_values"]
     per_sample = sizes.shape[0] // inputs["input_ids"].shape[0]
     if per_sample != 1 or len(runs) != 1:
-        raise NotImplementedError("anyres layouts are drawn for one image per sample")
+        raise UnsupportedModelError("anyres layouts are drawn for one image per sample")
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -163,7 +164,7 @@ def _anyres_layout(model, inputs, sample, runs) -> list[Region]:
     packed = packed[0][:, 0]
     a, b = runs[0]
     if packed.shape[0] != b - a:
-        raise NotImplementedError(f"replayed packing gives {packed.shape[0]} tokens, the prompt has {b - a}")
+        raise UnsupportedModelError(f"replayed packing gives {packed.shape[0]} tokens, the prompt has {b - a}")
     regions = [Region(0, 0, "base", _grid(a, side, side))] if tiles > 1 else []
     hires = torch.arange(a, b)[side * side :] if tiles > 1 else torch.arange(a, b)
     marks = packed[side * side :] if tiles > 1 else packed
@@ -175,7 +176,7 @@ def _anyres_layout(model, inputs, sample, runs) -> list[Region]:
         else:
             row.append(pos)
     if row or not rows or len({len(r) for r in rows}) != 1:
-        raise NotImplementedError("unexpected anyres packing (rows of different lengths)")
+        raise UnsupportedModelError("unexpected anyres packing (rows of different lengths)")
     regions.append(Region(0, 0, "anyres" if tiles > 1 else "image", torch.tensor(rows)))
     return regions
 

@@ -58,6 +58,8 @@ from typing import Any, Optional
 import torch
 from lmms_eval.api.model import lmms
 
+from ..errors import UnsupportedModelError, UsageError
+
 __all__ = ["MODEL_ID", "manifests", "Tokencomp", "TokencompModel", "model_class", "BASES", "MODEL_TYPES"]
 
 MODEL_ID = "tokencomp"
@@ -537,7 +539,7 @@ _NAMES = {"llava_hf": "TokencompLlavaHf", "qwen2_vl": "TokencompQwen2_VL", "qwen
 def model_class(base: str) -> type:
     """lmms-eval's class for ``base`` (an lmms-eval model name, see :data:`BASES`) with tokencomp mixed in."""
     if base not in BASES:
-        raise ValueError(f"tokencomp: base {base!r} is not supported; expected one of {sorted(BASES)}")
+        raise UsageError(f"tokencomp: base {base!r} is not supported; expected one of {sorted(BASES)}")
     cls = _classes.get(base)
     if cls is None:
         module, name = BASES[base]
@@ -562,7 +564,7 @@ def base_for(pretrained: str, base: Optional[str] = None) -> str:
 
     model_type = AutoConfig.from_pretrained(pretrained).model_type
     if model_type not in MODEL_TYPES:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"tokencomp: checkpoint {pretrained!r} has model_type {model_type!r}; supported: {sorted(MODEL_TYPES)} "
             f"(or pass base=one of {sorted(BASES)})"
         )
@@ -579,7 +581,7 @@ class Tokencomp(lmms):
 
     def __new__(cls, pretrained: Optional[str] = None, base: Optional[str] = None, **kwargs):
         if pretrained is None:
-            raise TypeError("tokencomp: --model_args needs pretrained=<checkpoint id or path>")
+            raise UsageError("tokencomp: --model_args needs pretrained=<checkpoint id or path>")
         return model_class(base_for(pretrained, base))(pretrained=pretrained, **kwargs)
 
     def generate_until(self, requests):  # pragma: no cover - never instantiated
