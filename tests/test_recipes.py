@@ -39,7 +39,7 @@ CASES = [
     ("plugin-spec-wrong-type", "scorer: [v2drop]\n" + S, 1, r"scorer must be a plugin name or a mapping \{name: \.\.\., <params>\}"),
     # unknown or mistyped keys
     ("unknown-top-key", "scorer: v2drop\nscheduel: {stages: [{layer: 3, keep: 0.5}]}\n", 2, r"unknown key 'scheduel'; allowed: name, description, scorer, selector, schedule"),
-    ("unknown-stage-key", "schedule:\n  stages:\n    - layer: 3\n      keep: 0.5\n      kep: 0.2\n", 5, r"unknown stage key 'kep'; allowed: layer, keep, scorer, selector"),
+    ("unknown-stage-key", "schedule:\n  stages:\n    - layer: 3\n      keep: 0.5\n      kep: 0.2\n", 5, r"unknown stage key 'kep'; allowed: layer, phase, keep, scorer, selector"),
     ("unknown-param", "scorer:\n  name: v2drop\n  metrc: l1\n" + S, 3, r"unknown parameter 'metrc' for scorer 'v2drop'; allowed: metric"),
     ("unknown-schedule-param", "schedule:\n  name: budget\n  tokenz: 64\n", 3, r"unknown parameter 'tokenz' for schedule 'budget'; allowed: tokens, vision_tokens, depth, final"),
     ("no-schedule", "scorer: v2drop\nselector: topk\n", 1, r"the recipe has no `schedule`"),
@@ -62,7 +62,7 @@ CASES = [
     # numbers out of range
     ("keep-above-1", "schedule:\n  stages:\n    - {layer: 3, keep: 1.5}\n", 3, r"keep must be in \[0, 1\] \(the fraction of vision tokens kept\), got 1\.5"),
     ("keep-negative", "schedule:\n  stages:\n    - layer: 3\n      keep: -0.1\n", 4, r"keep must be in \[0, 1\]"),
-    ("layer-0", "schedule:\n  stages:\n    - {layer: 0, keep: 0.5}\n", 3, r"layer must be >= 1, got 0: layer 0 is never a drop layer, because .*cache length"),
+    ("layer-0", "schedule:\n  stages:\n    - {layer: 0, keep: 0.5}\n", 3, r"layer must be >= 1, got 0: to reduce tokens before the first decoder layer, write a stage `\{phase: input"),
     ("layer-negative", "schedule:\n  stages:\n    - {layer: -2, keep: 0.5}\n", 3, r"layer must be >= 1, got -2"),
     ("layers-equal", "schedule:\n  stages:\n    - {layer: 3, keep: 0.5}\n    - {layer: 3, keep: 0.2}\n", 4, r"stage layers must be strictly increasing: 3 follows 3"),
     ("layers-decreasing", "schedule:\n  stages:\n    - layer: 10\n      keep: 0.5\n    - keep: 0.2\n      layer: 4\n", 6, r"strictly increasing: 4 follows 10"),

@@ -664,6 +664,23 @@ class _CompactedCache:
         super().reorder_cache(beam_idx)
         self.__dict__[_META_ATTR].reorder(beam_idx)
 
+    # The model sizes masks and positions from layer 0's length. After an input stage layer 0 is
+    # compacted too, so the cache reports every layer's *logical* length (tokens of the original
+    # sequence plus those added since); the engine picks each layer's mask columns from that.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._logical(layer_idx, super().get_seq_length(layer_idx))
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        kv_length, offset = super().get_mask_sizes(query_length, layer_idx)
+        return self._logical(layer_idx, kv_length - query_length) + query_length, offset
+
+    def _logical(self, layer_idx: int, physical: int) -> int:
+        meta = self.__dict__[_META_ATTR]
+        lm = meta.layers.get(layer_idx)
+        if lm is None or physical == 0:
+            return physical
+        return physical - lm.idx.shape[1] + meta.prefill_len
+
 
 _compacted_classes: dict[type, type] = {}
 

@@ -137,8 +137,11 @@ class Selector(_Plugin):
 
 @dataclass(frozen=True)
 class Stage:
-    """One drop point: before decoder layer ``layer`` runs, keep ``floor(n * keep)`` of the ``n`` live
-    vision tokens, scored by ``scorer`` and chosen by ``selector`` (``None``: the recipe's defaults)."""
+    """One drop point: before decoder layer ``layer`` runs, keep ``int(n * keep)`` of the ``n`` live
+    vision tokens, scored by ``scorer`` and chosen by ``selector`` (``None``: the recipe's defaults).
+
+    ``layer == 0`` is an *input* stage (``phase: input`` in a recipe): it runs on the decoder's input
+    embeddings, so every layer and the KV cache see the shorter sequence."""
 
     layer: int
     keep: float
@@ -146,6 +149,11 @@ class Stage:
     selector: Optional[Selector] = None
     line: Optional[int] = dataclasses.field(default=None, compare=False)
     """Recipe line this stage came from, for error messages."""
+
+    @property
+    def phase(self) -> str:
+        """``"input"`` (before layer 0) or ``"prefill"`` (inside the decoder, during the prefill)."""
+        return "input" if self.layer == 0 else "prefill"
 
 
 class Schedule(_Plugin):

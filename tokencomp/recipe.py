@@ -38,7 +38,8 @@ from .plugins import registry
 
 EXPLICIT = "explicit"  # the schedule plugin that holds `stages:` lists (the recipe format itself)
 TOP_KEYS = ("name", "description", "scorer", "selector", "schedule")
-STAGE_KEYS = ("layer", "keep", "scorer", "selector")
+STAGE_KEYS = ("layer", "phase", "keep", "scorer", "selector")
+PHASES = ("input", "prefill")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,12 +413,26 @@ def _check_layer(layer: Any, source: str, line: Optional[int]) -> int:
     layer = coerce(layer, int, "layer", source, line)
     if layer < 1:
         raise RecipeError(
-            f"layer must be >= 1, got {layer}: layer 0 is never a drop layer, because the cache length, mask "
-            "sizes and generation positions are read from layer 0, and scorers need at least one layer to look at",
+            f"layer must be >= 1, got {layer}: to reduce tokens before the first decoder layer, write a stage "
+            "`{phase: input, keep: ...}` (no layer)",
             source=source,
             line=line,
         )
     return layer
+
+
+def _stage_layer(item: dict, lines: dict, source: str, line: Optional[int], i: int) -> int:
+    """The decoder layer a stage runs before: 0 for ``phase: input``, else its ``layer:`` (>= 1)."""
+    phase = item.get("phase", "prefill")
+    if phase not in PHASES:
+        raise RecipeError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}", source=source, line=lines.get("phase", line))
+    if phase == "input":
+        if "layer" in item:
+            raise RecipeError("an input stage runs before layer 0 and takes no `layer:`", source=source, line=lines.get("layer", line))
+        return 0
+    if "layer" not in item:
+        raise RecipeError(f"stage {i} is missing 'layer'", source=source, line=line)
+    return _check_layer(item["layer"], source, lines.get("layer", line))
 
 
 def _parse_stages(value: Any, source: str, line: Optional[int]) -> tuple[Stage, ...]:
@@ -432,10 +447,9 @@ def _parse_stages(value: Any, source: str, line: Optional[int]) -> tuple[Stage, 
         for key in item:
             if key not in STAGE_KEYS:
                 raise RecipeError(f"unknown stage key {key!r}; allowed: {', '.join(STAGE_KEYS)}", source=source, line=ilines.get(key, sline))
-        for key in ("layer", "keep"):
-            if key not in item:
-                raise RecipeError(f"stage {i} is missing {key!r}", source=source, line=sline)
-        layer = _check_layer(item["layer"], source, ilines.get("layer", sline))
+        if "keep" not in item:
+            raise RecipeError(f"stage {i} is missing 'keep'", source=source, line=sline)
+        layer = _stage_layer(item, ilines, source, sline, i)
         if prev is not None and layer <= prev:
             raise RecipeError(f"stage layers must be strictly increasing: {layer} follows {prev}", source=source, line=ilines.get("layer", sline))
         prev = layer
@@ -477,7 +491,8 @@ class Recipe:
 
         Raises :class:`RecipeError` naming the depth when a layer does not exist in the model.
         """
-        out, prev = [], 0
+        out: list[Stage] = []
+        prev = -1
         for st in self.schedule.stages(num_layers):
             line = st.line if st.line is not None else self.line
             if st.layer >= num_layers:
@@ -486,18 +501,26 @@ class Recipe:
                     source=self.source,
                     line=line,
                 )
-            if st.layer < 1 or st.layer <= prev:
-                raise RecipeError(f"schedule gave layers that are not strictly increasing from 1: {st.layer}", source=self.source, line=line)
+            if st.layer < 0 or (out and st.layer <= prev):
+                raise RecipeError(f"schedule gave layers that are not strictly increasing from 0: {st.layer}", source=self.source, line=line)
             if not 0.0 <= st.keep <= 1.0:
                 raise RecipeError(f"schedule gave keep {st.keep} outside [0, 1]", source=self.source, line=line)
             prev = st.layer
-            out.append(dataclasses.replace(st, scorer=st.scorer or self.scorer, selector=st.selector or self.selector))
+            st = dataclasses.replace(st, scorer=st.scorer or self.scorer, selector=st.selector or self.selector)
+            if st.layer == 0 and (st.scorer.needs_prev_hidden or st.scorer.attention == "previous"):
+                raise RecipeError(
+                    f"scorer {st.scorer.name!r} looks at the previous decoder layer, which an input stage (before layer 0) "
+                    "does not have; give the input stage a scorer of its own (`scorer:`)",
+                    source=self.source,
+                    line=line,
+                )
+            out.append(st)
         return out
 
     def describe(self, num_layers: int) -> str:
         """One line per stage, for logs and the CLI."""
         return "\n".join(
-            f"layer {s.layer:>3}: keep {s.keep:.4g} of the vision tokens, scorer {s.scorer.name}, selector {s.selector.name}"
+            f"{'input' if s.layer == 0 else f'layer {s.layer:>3}'}: keep {s.keep:.4g} of the vision tokens, scorer {s.scorer.name}, selector {s.selector.name}"
             for s in self.stages(num_layers)
         )
 

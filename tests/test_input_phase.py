@@ -1,0 +1,132 @@
+"""Input stages (``phase: input``): vision tokens reduced on the decoder's input embeddings, before
+layer 0, so every layer and the KV cache see the shorter sequence. The same invariants as the
+in-LLM stages, on all six families, eager and SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokencomp
+from tokencomp.errors import RecipeError
+from tokencomp.testing import FAMILIES, make_inputs, take_sample
+
+from test_engine import gen_kwargs, max_score_diff, tiny
+
+INPUT_THEN_PREFILL = [{"phase": "input", "keep": 0.5, "scorer": "random"}, {"layer": 2, "keep": 0.5}, {"layer": 4, "keep": 0.0}]
+
+
+def recipe(stages=INPUT_THEN_PREFILL, scorer="v2drop"):
+    return {"scorer": scorer, "schedule": {"stages": stages}}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_input_stage_at_keep_1_is_the_identity(family, attn):
+    model = tiny(family, attn)
+    stages = [{"phase": "input", "keep": 1.0, "scorer": "random"}, {"layer": 3, "keep": 1.0}]
+    inputs = make_inputs(model, batch=2)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_gen = model.generate(**inputs, **gen_kwargs(model))
+        with tokencomp.apply(model, recipe(stages)):
+            got = model(**inputs).logits
+            got_gen = model.generate(**inputs, **gen_kwargs(model))
+    assert torch.equal(ref, got)
+    assert torch.equal(ref_gen.sequences, got_gen.sequences)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_input_stage_cache_equals_no_cache_and_counts_layer_0(family, attn):
+    model = tiny(family, attn)
+    inputs = make_inputs(model, batch=2)
+    with torch.no_grad(), tokencomp.apply(model, recipe()) as h:
+        cached = model.generate(**inputs, **gen_kwargs(model))
+        counts = h.stats.vision_tokens_per_layer
+        kept = h.stats.kept_positions
+        with h.replay(kept):
+            fresh = model.generate(**inputs, use_cache=False, **gen_kwargs(model))
+        n = (torch.isin(inputs["input_ids"], torch.tensor(tokencomp.testing.vision_token_ids(model)))).sum(1).tolist()
+    for row, n_b in zip(counts, n):
+        assert row[0] == n_b // 2  # layer 0 already sees the kept half
+        assert row[-1] == 0
+    assert 0 in kept
+    assert torch.equal(cached.sequences, fresh.sequences)
+    assert max_score_diff(cached, fresh) < 1e-4
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_input_stage_batch_equals_single(family, attn):
+    model = tiny(family, attn)
+    inputs = make_inputs(model, batch=3, padding="left")
+    rec = recipe([{"phase": "input", "keep": 0.5, "scorer": "uniform"}, {"layer": 3, "keep": 0.5}])
+    with torch.no_grad(), tokencomp.apply(model, rec) as h:
+        batched = model.generate(**inputs, **gen_kwargs(model))
+        batched_counts = h.stats.vision_tokens_per_layer
+        n_new = batched.sequences.shape[1] - inputs["input_ids"].shape[1]
+        for b in range(3):
+            solo = model.generate(**take_sample(inputs, b), **gen_kwargs(model))
+            assert h.stats.vision_tokens_per_layer[0] == batched_counts[b]
+            assert torch.equal(solo.sequences[0, -n_new:], batched.sequences[b, -n_new:])
+            for x, y in zip(solo.scores, batched.scores):
+                finite = torch.isfinite(x[0])
+                assert (x[0][finite] - y[b][finite]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
+def test_input_stage_cache_holds_the_compacted_prefix_in_every_layer(family):
+    model = tiny(family)
+    inputs = make_inputs(model)
+    L = inputs["input_ids"].shape[1]
+    with torch.no_grad(), tokencomp.apply(model, recipe([{"phase": "input", "keep": 0.25, "scorer": "random"}])) as h:
+        out = model(**inputs, use_cache=True)
+        cache = out.past_key_values
+        kept_len = h.stats.output_positions.shape[1]
+        assert kept_len < L
+        assert all(layer.keys.shape[-2] == kept_len for layer in cache.layers)
+        # The model reads the *logical* length (original prompt) from the cache.
+        assert cache.get_seq_length() == L
+
+
+def test_remove_after_input_stage_restores_exactly():
+    model = tiny("llava")
+    inputs = make_inputs(model, batch=2)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with tokencomp.apply(model, recipe()):
+            model.generate(**inputs, **gen_kwargs(model))
+        assert torch.equal(model(**inputs).logits, ref)
+
+
+@pytest.mark.parametrize(
+    "stage, message",
+    [
+        ({"phase": "input", "keep": 0.5}, "looks at the previous decoder layer"),  # default scorer v2drop
+        ({"phase": "input", "keep": 0.5, "scorer": "fastv"}, "looks at the previous decoder layer"),
+        ({"phase": "input", "layer": 0, "keep": 0.5, "scorer": "random"}, "takes no `layer:`"),
+        ({"layer": 0, "keep": 0.5, "scorer": "random"}, "phase: input"),
+        ({"phase": "decode", "layer": 3, "keep": 0.5}, "phase must be one of"),
+    ],
+)
+def test_input_stage_recipe_errors(stage, message):
+    with pytest.raises(RecipeError, match=message):
+        tokencomp.load_recipe(recipe([stage])).stages(6)
+
+
+def test_negative_control_physical_cache_length(monkeypatch):
+    """Without the logical length, decoding after an input stage reads wrong mask columns/positions."""
+    from tokencomp import engine
+
+    monkeypatch.setattr(engine._CompactedCache, "_logical", lambda self, layer_idx, physical: physical)
+    model = tiny("llava")
+    inputs = make_inputs(model, batch=2)
+    with torch.no_grad(), tokencomp.apply(model, recipe()) as h:
+        try:
+            cached = model.generate(**inputs, **gen_kwargs(model))
+        except Exception:
+            return  # broken loudly: also a detection
+        with h.replay(h.stats.kept_positions):
+            fresh = model.generate(**inputs, use_cache=False, **gen_kwargs(model))
+    assert max_score_diff(cached, fresh) > 1e-3
