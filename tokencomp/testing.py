@@ -696,3 +696,4 @@ def build_synthetic(spec: str, *, attn: str = "sdpa", dtype=torch.float32, seed:
         torch.manual_seed(seed)
         model = _CLASSES[family](cfg).to(dtype).eval()
     return model
+from .checkpoints import save_tiny_checkpoint  # noqa: E402,F401
