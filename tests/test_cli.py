@@ -17,7 +17,7 @@ from tokencomp.recipe import shipped_recipes
 
 SHIPPED = "v2drop/llava-1.5-7b-192"
 REPO = Path(__file__).resolve().parents[1]
-BUILTINS = {"scorer": "v2drop", "selector": "topk", "schedule": "explicit", "model_adapter": "llava"}
+BUILTINS = {"scorer": "v2drop", "selector": "topk", "merger": "nearest", "schedule": "explicit", "model_adapter": "llava"}
 
 
 def _run(*args, executable=None):
@@ -54,7 +54,7 @@ def test_plugins_text_groups_by_kind(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
     headers = [line for line in out.splitlines() if not line.startswith(" ")]
-    assert headers == ["scorers:", "selectors:", "schedules:", "model adapters:"]
+    assert headers == ["scorers:", "selectors:", "mergers:", "schedules:", "model adapters:"]
     assert "  v2drop" in out and "tokencomp.scorers.v2drop" in out
 
 

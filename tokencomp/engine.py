@@ -54,12 +54,15 @@ class Stats:
 
     ``vision_tokens_per_layer[b][l]``: vision tokens of sample ``b`` entering decoder layer ``l``.
     ``kept_positions[layer][b]``: original sequence positions of the vision tokens sample ``b`` kept
-    at that stage. ``output_positions``: (B, S) original position of every token the decoder
-    returned (its output is shorter than the input after a drop).
+    at that stage (summary tokens of a merger included, in their slots' positions);
+    ``summary_positions[layer][b]``: the slots that hold summary tokens (stages with a merger only).
+    ``output_positions``: (B, S) original position of every token the decoder returned (its output
+    is shorter than the input after a drop).
     """
 
     vision_tokens_per_layer: list[list[int]] = field(default_factory=list)
     kept_positions: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    summary_positions: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     output_positions: Optional[torch.Tensor] = None
     sequence_length: int = 0
 
@@ -72,6 +75,7 @@ class Stats:
         return {
             "vision_tokens_per_layer": self.vision_tokens_per_layer,
             "kept_positions": {str(k): [t.tolist() for t in v] for k, v in self.kept_positions.items()},
+            "summary_positions": {str(k): [t.tolist() for t in v] for k, v in self.summary_positions.items()},
             "sequence_length": self.sequence_length,
             "average_vision_tokens": self.average_vision_tokens(),
         }
@@ -123,6 +127,7 @@ class _Forward:
     probe_queries: dict = field(default_factory=dict)  # drop layer -> (B, Q) query indices at layer - 1
     counts: dict = field(default_factory=dict)  # layer -> (B,) vision tokens from that layer on
     kept: dict = field(default_factory=dict)
+    slots: dict = field(default_factory=dict)  # layer -> per-sample summary-token positions
     cache: Any = None
     stats: Optional[Stats] = None
 
@@ -253,7 +258,9 @@ class Handle:
                 del _active[self.model]
 
     def __repr__(self) -> str:
-        stages = ", ".join(f"{s.layer}:{s.keep:g}/{s.scorer.name}" for s in self.stages)
+        stages = ", ".join(
+            f"{s.layer}:{s.keep:g}/{s.scorer.name}" + (f"+{s.merger.name}" if s.merger is not None else "") for s in self.stages
+        )
         state = "removed" if self._removed else "applied"
         return f"<tokencomp.Handle {state} to {type(self.model).__name__}: {stages}>"
 
@@ -277,10 +284,11 @@ class Handle:
         finally:
             setattr(self._tls, name, old)
 
-    def replay(self, kept_positions: dict[int, list[torch.Tensor]]):
-        """Context manager: force the selection recorded in ``kept_positions`` (from ``stats``) in
-        this thread's compressed forwards, e.g. to recompute a generation without a cache."""
-        return self._set_opt("replay", kept_positions)
+    def replay(self, kept_positions: dict[int, list[torch.Tensor]], summary_positions: Optional[dict] = None):
+        """Context manager: force the selection recorded in ``kept_positions`` (and, for stages with a
+        merger, ``summary_positions``; both from ``stats``) in this thread's compressed forwards, e.g. to
+        recompute a generation without a cache. Mergers then merge into the recorded tokens again."""
+        return self._set_opt("replay", (kept_positions, summary_positions or {}))
 
     def vision_mask(self, mask: torch.Tensor):
         """Context manager: the (B, L) bool vision-token mask for ``inputs_embeds``-only calls.
@@ -533,18 +541,25 @@ class Handle:
         n = cand.sum(1)
         budget = kept_count(n, state.keeps.get(stage.layer, stage.keep))
         replay = self._opt("replay")
-        if replay is not None and stage.layer in replay:
-            wanted = replay[stage.layer]
+        merger = stage.merger
+        summary = torch.zeros_like(budget)
+        if merger is not None:
+            summary = torch.minimum(merger.summary_tokens(budget).clamp(min=0).to(budget), budget)
+        if replay is not None and stage.layer in replay[0]:
+            wanted, wanted_slots = replay[0][stage.layer], replay[1].get(stage.layer)
             kept = torch.zeros_like(cand)
             for b in range(B):
                 kept[b] = cand[b] & torch.isin(idx[b], wanted[b].to(dev))
+                if wanted_slots is not None:
+                    kept[b] &= ~torch.isin(idx[b], wanted_slots[b].to(dev))
             scores = kept.float()
+            versions = _versions(view)
         elif bool(n.any()):
             versions = _versions(view)
             scores = stage.scorer.score(view)
             _check_scores(scores, stage, (B, S), dev, cand)
             _check_untouched(view, versions, f"scorer {stage.scorer.name!r}")
-            kept = stage.selector.select(scores, view, budget)
+            kept = stage.selector.select(scores, view, budget - summary)
             if not isinstance(kept, torch.Tensor) or tuple(kept.shape) != (B, S) or kept.dtype != torch.bool:
                 got = f"{tuple(kept.shape)} {kept.dtype}" if isinstance(kept, torch.Tensor) else type(kept).__name__
                 raise PluginError(
@@ -556,6 +571,12 @@ class Handle:
         else:
             scores = torch.zeros(B, S, device=dev)
             kept = torch.zeros_like(cand)
+        slots = None
+        if merger is not None and bool(n.any()):
+            dropped = cand & ~kept
+            summary = torch.minimum(summary, dropped.sum(1))
+            hidden, slots = self._merge(merger, stage, view, versions, kept, dropped, summary)
+            kept = kept | slots
         base = ~is_vision_cur | pinned
         keep = base | kept
         row_len = keep.sum(1)
@@ -573,6 +594,8 @@ class Handle:
         state.idx, state.alive = new_idx, new_alive
         state.counts[stage.layer] = kept.sum(1) + pinned.sum(1)
         state.kept[stage.layer] = [new_idx[b][(new_alive[b] & state.is_vision[b].gather(0, new_idx[b]))] for b in range(B)]
+        if slots is not None:
+            state.slots[stage.layer] = [idx[b][slots[b]] for b in range(B)]
         self._regather(state, hidden.dtype)
         if state.cache is not None:
             meta = getattr(state.cache, _META_ATTR, None)
@@ -581,6 +604,23 @@ class Handle:
                 _attach(state.cache, meta)
             state.cache_meta = meta
         return hidden
+
+    @staticmethod
+    def _merge(merger, stage: Stage, view: LayerView, versions, kept, dropped, summary):
+        """Run ``merger`` and hold it to its contract (see :class:`tokencomp.Merger`)."""
+        who = f"merger {merger.name!r} at layer {stage.layer}"
+        out = merger.merge(view, kept.clone(), dropped.clone(), summary.clone())
+        _check_untouched(view, versions, who)
+        if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+            raise PluginError(f"{who} must return a (hidden, slots) pair of tensors; got {type(out).__name__}")
+        hidden, slots = out
+        if hidden.shape != view.hidden.shape or hidden.dtype != view.hidden.dtype or hidden.device != view.hidden.device:
+            raise PluginError(f"{who} returned hidden states {tuple(hidden.shape)} {hidden.dtype}; expected {tuple(view.hidden.shape)} {view.hidden.dtype}")
+        if slots.shape != kept.shape or slots.dtype != torch.bool:
+            raise PluginError(f"{who} returned slots {tuple(slots.shape)} {slots.dtype}; expected a {tuple(kept.shape)} bool tensor")
+        if bool((slots & ~dropped).any()) or not torch.equal(slots.sum(1), summary):
+            raise PluginError(f"{who} must put exactly {summary.tolist()} summary tokens in dropped slots; got {slots.sum(1).tolist()}")
+        return hidden, slots
 
     def _regather(self, state: _Forward, dtype) -> None:
         full = state.full
@@ -621,7 +661,7 @@ class Handle:
             per_layer.append(cur)
         table = torch.stack(per_layer, dim=1).tolist() if per_layer else [[] for _ in range(B)]
         out_pos = state.idx if state.idx is not None else torch.arange(state.length).expand(B, -1)
-        stats = Stats(table, dict(state.kept), out_pos, state.length)
+        stats = Stats(table, dict(state.kept), dict(state.slots), out_pos, state.length)
         self._tls.stats = stats
         self._last_stats = stats
 

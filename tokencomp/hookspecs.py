@@ -43,5 +43,10 @@ def register_schedules(register):
 
 
 @hookspec
+def register_mergers(register):
+    """Register :class:`tokencomp.Merger` subclasses: ``register(cls)``."""
+
+
+@hookspec
 def register_model_adapters(register):
     """Register :class:`tokencomp.ModelAdapter` subclasses: ``register(cls)``."""

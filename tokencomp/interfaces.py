@@ -135,6 +135,34 @@ class Selector(_Plugin):
         raise NotImplementedError
 
 
+class Merger(_Plugin):
+    """Folds the vision tokens a stage drops into the ones it keeps, or into a few new *summary*
+    tokens, instead of discarding them.
+
+    A stage with a merger keeps exactly its budget ``k``: the selector keeps ``k - c`` tokens, where
+    ``c = summary_tokens(k)``, and :meth:`merge` turns ``c`` of the dropped tokens into summary tokens.
+    A summary token takes the *slot* of one dropped token: its original position (so RoPE, masks and
+    the cache treat it like that token), and its row of the hidden states.
+    """
+
+    def summary_tokens(self, budget: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` long: how many of each sample's ``budget`` become summary tokens (default none)."""
+        return torch.zeros_like(budget)
+
+    def merge(
+        self, view: LayerView, kept: torch.Tensor, dropped: torch.Tensor, summary: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - interface
+        """Return ``(hidden, slots)``.
+
+        ``kept`` / ``dropped``: ``(B, S)`` bool, the selector's choice among ``view.vision_mask``.
+        ``summary``: ``(B,)`` long, the summary tokens to make (never more than ``dropped`` has).
+        ``hidden``: a new ``(B, S, D)`` tensor (never modify ``view.hidden``) with the states of the kept
+        tokens (merged into, or unchanged) and of the summary tokens in their slots; other rows are
+        ignored. ``slots``: ``(B, S)`` bool, exactly ``summary[b]`` of ``dropped`` per sample.
+        """
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class Stage:
     """One drop point: before decoder layer ``layer`` runs, keep ``int(n * keep)`` of the ``n`` live
@@ -149,6 +177,8 @@ class Stage:
     selector: Optional[Selector] = None
     line: Optional[int] = dataclasses.field(default=None, compare=False)
     """Recipe line this stage came from, for error messages."""
+    merger: Optional[Merger] = None
+    """Folds the dropped tokens into the kept ones or into summary tokens (``None``: plain drop)."""
 
     @property
     def phase(self) -> str:

@@ -29,9 +29,9 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .interfaces import ModelAdapter, Schedule, Scorer, Selector
+from .interfaces import Merger, ModelAdapter, Schedule, Scorer, Selector
 
-BUILTIN_PACKAGES = ("tokencomp.scorers", "tokencomp.selectors", "tokencomp.schedules", "tokencomp.models")
+BUILTIN_PACKAGES = ("tokencomp.scorers", "tokencomp.selectors", "tokencomp.mergers", "tokencomp.schedules", "tokencomp.models")
 """Packages whose every module is a built-in plugin, registered like a third-party one."""
 
 
@@ -49,6 +49,7 @@ def builtin_plugins() -> list[str]:
 KINDS: dict[str, tuple[str, type]] = {
     "scorer": ("register_scorers", Scorer),
     "selector": ("register_selectors", Selector),
+    "merger": ("register_mergers", Merger),
     "schedule": ("register_schedules", Schedule),
     "model_adapter": ("register_model_adapters", ModelAdapter),
 }

@@ -38,7 +38,7 @@ from .plugins import registry
 
 EXPLICIT = "explicit"  # the schedule plugin that holds `stages:` lists (the recipe format itself)
 TOP_KEYS = ("name", "description", "scorer", "selector", "schedule")
-STAGE_KEYS = ("layer", "phase", "keep", "scorer", "selector")
+STAGE_KEYS = ("layer", "phase", "keep", "scorer", "selector", "merge")
 PHASES = ("input", "prefill")
 
 
@@ -456,7 +456,8 @@ def _parse_stages(value: Any, source: str, line: Optional[int]) -> tuple[Stage, 
         keep = _check_keep(item["keep"], source, ilines.get("keep", sline))
         scorer = make_plugin("scorer", item["scorer"], source, ilines.get("scorer")) if "scorer" in item else None
         selector = make_plugin("selector", item["selector"], source, ilines.get("selector")) if "selector" in item else None
-        stages.append(Stage(layer, keep, scorer, selector, line=sline))
+        merger = make_plugin("merger", item["merge"], source, ilines.get("merge")) if item.get("merge") is not None else None
+        stages.append(Stage(layer, keep, scorer, selector, line=sline, merger=merger))
     return tuple(stages)
 
 
@@ -521,6 +522,7 @@ class Recipe:
         """One line per stage, for logs and the CLI."""
         return "\n".join(
             f"{'input' if s.layer == 0 else f'layer {s.layer:>3}'}: keep {s.keep:.4g} of the vision tokens, scorer {s.scorer.name}, selector {s.selector.name}"
+            + (f", merger {s.merger.name}" if s.merger is not None else "")
             for s in self.stages(num_layers)
         )
 

@@ -1,0 +1,1 @@
+"""Built-in mergers: fold dropped vision tokens into kept ones or into summary tokens."""
