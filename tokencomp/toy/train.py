@@ -2,7 +2,11 @@
 
 Data is generated on the fly from the train split (scene seeds ``step * batch + i``); each sequence
 is one image followed by all of its questions as a multi-turn chat (rendered by the processor's
-chat template), and the loss is on the answer tokens (the word and its ``</s>``) only. Reproducible
+chat template), and the language-model loss is on the answer tokens (the word and its ``</s>``)
+only. A dense auxiliary loss (``--aux-weight``) on the last vision layer's patch tokens predicts
+each patch's shape, colour and object centre: it plays the part of a pretrained vision encoder
+(without it the decoder sat on the blind answer prior for 300+ steps); its heads are not saved.
+Reproducible
 from ``--seed`` (single thread). Saves ``save_pretrained`` model + processor into ``--out``
 (fp16 weights by default, to keep the shipped folder small).
 """
@@ -19,9 +23,32 @@ import torch
 from . import build, scenes
 
 
+N_AUX = (len(scenes.SHAPES) + 1, len(scenes.COLOURS) + 1, len(scenes.SHAPES) + 1)
+
+
+def patch_labels(scene):
+    """Dense auxiliary targets per vision patch: (shape, colour, shape-of-the-object-centred-here).
+
+    0 means background / no object centre. They train the vision tower to see shapes and colours
+    (a stand-in for a pretrained encoder); the heads are dropped before saving.
+    """
+    g = scenes.SIZE // build.PATCH
+    c = build.PATCH // 2
+    shape = np.zeros((g, g), np.int64)
+    colour = np.zeros((g, g), np.int64)
+    centre = np.zeros((g, g), np.int64)
+    colours = list(scenes.COLOURS)
+    for o, m in zip(scene.objects, scene.masks):
+        hit = m[c :: build.PATCH, c :: build.PATCH]
+        shape[hit] = scenes.SHAPES.index(o.shape) + 1
+        colour[hit] = colours.index(o.colour) + 1
+        centre[int(o.cy) // build.PATCH, int(o.cx) // build.PATCH] = scenes.SHAPES.index(o.shape) + 1
+    return np.stack([shape.ravel(), colour.ravel(), centre.ravel()], -1)
+
+
 def make_batch(processor, start: int, batch: int, seed: int):
     tok = processor.tokenizer
-    ids, labels, images = [], [], []
+    ids, labels, images, aux = [], [], [], []
     answer_after = tok.convert_tokens_to_ids("ASSISTANT:")
     image_id = tok.convert_tokens_to_ids("<image>")
     n_img = (scenes.SIZE // build.PATCH) ** 2
@@ -41,6 +68,7 @@ def make_batch(processor, start: int, batch: int, seed: int):
         ids.append(x)
         labels.append(y)
         images.append(scene.image)
+        aux.append(patch_labels(scene))
     L = max(map(len, ids))
     pad = tok.pad_token_id
     input_ids = torch.full((batch, L), pad)
@@ -50,7 +78,7 @@ def make_batch(processor, start: int, batch: int, seed: int):
         input_ids[i, : len(x)] = torch.tensor(x)
         lab[i, : len(y)] = torch.tensor(y)
         att[i, : len(x)] = 1
-    return input_ids, att, build.pixel_values(images), lab
+    return input_ids, att, build.pixel_values(images), lab, torch.from_numpy(np.stack(aux))
 
 
 @torch.no_grad()
@@ -72,11 +100,12 @@ def quick_eval(model, processor, questions) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=700)
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the dense patch loss on the vision tower")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--out", default="tokencomp/toy/checkpoint")
@@ -90,8 +119,14 @@ def main(argv=None):
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M", flush=True)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    vis_dim = model.config.vision_config.hidden_size
+    aux_heads = torch.nn.ModuleList(torch.nn.Linear(vis_dim, k) for k in N_AUX)
+    captured = {}
+    last_vision_layer = model.model.vision_tower.encoder.layers[-1]
+    last_vision_layer.register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    params = list(model.named_parameters()) + list(aux_heads.named_parameters())
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98))
 
@@ -107,16 +142,23 @@ def main(argv=None):
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        input_ids, att, pix, lab = make_batch(processor, step * args.batch, args.batch, args.seed)
+        input_ids, att, pix, lab, aux = make_batch(processor, step * args.batch, args.batch, args.seed)
         logits = model(input_ids=input_ids, attention_mask=att, pixel_values=pix).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
+        h = captured["h"][:, 1:]  # patch tokens of the last vision layer (what LLaVA feeds the projector)
+        aux_loss = sum(
+            torch.nn.functional.cross_entropy(head(h).flatten(0, 1), aux[..., k].flatten()) for k, head in enumerate(aux_heads)
+        )
+        lm_loss = loss
+        loss = lm_loss + args.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
+        run_loss = lm_loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * lm_loss.item()
+        run_aux = aux_loss.item() if step == 0 else 0.95 * run_aux + 0.05 * aux_loss.item()
         if step % 20 == 0:
-            print(f"step {step} loss {run_loss:.4f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s", flush=True)
+            print(f"step {step} loss {run_loss:.4f} aux {run_aux:.3f} lr {lr_at(step):.2e} {time.time() - t0:.0f}s", flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             acc = quick_eval(model, processor, held)
             print(f"step {step + 1} val_acc {acc:.3f} {time.time() - t0:.0f}s", flush=True)
