@@ -1,10 +1,9 @@
 """``lmms-eval --model tokencomp`` (tokencomp.integrations.lmms_eval), without the hub.
 
-The tiny random-weight models of :mod:`tokencomp.testing` are saved with ``save_pretrained`` next
-to a processor built here (a character-level ``tokenizers`` tokenizer with the tiny models'
-special-token ids, plus the family's image processor), so the wrapper is constructed exactly as
-``--model tokencomp --model_args pretrained=DIR,...`` does: lmms-eval's own class loads the model
-and processor from disk with ``from_pretrained``.
+Checkpoints are folders written by :func:`tokencomp.testing.save_tiny_checkpoint` (tiny random
+weights, the family's real processor, BPE tokenizer and chat template, saved as transformers 5
+saves them), so the wrapper is constructed exactly as ``--model tokencomp --model_args
+pretrained=DIR,...`` does: lmms-eval's own class loads the model and processor from disk.
 """
 
 import json
@@ -45,45 +44,9 @@ schedule:
 """
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": T.PAD_ID, "<s>": T.BOS_ID, "</s>": T.EOS_ID, "<image>": T.IMAGE_ID, "<video>": T.VIDEO_ID, "<unk>": 7}
-    for c in range(33, 127):  # printable ASCII, one token per character
-        vocab[chr(c)] = len(vocab) + 2  # ids 8.. (5 and 6 are the Qwen vision delimiters)
-    while len(vocab) < T.VOCAB_SIZE - 2:
-        vocab[f"<x{len(vocab)}>"] = len(vocab) + 2
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split("", "isolated")])
-    tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<image>", "<video>"],
-    )
-
-
-def _save_llava(path):
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    model = T.build_tiny("llava", layers=LAYERS)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        # larger random weights than the default init, so that answers depend on the image and prompt
-        torch.manual_seed(0)
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.2)
-    side = model.config.vision_config.image_size
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
-        tokenizer=_tokenizer(),
-        patch_size=model.config.vision_config.patch_size,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-    )
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
+def _save_llava(path, template_file="jinja", family="llava"):
+    # weights N(0, 0.2): answers depend on the image and the prompt
+    return T.save_tiny_checkpoint(family, path, layers=LAYERS, template_file=template_file)
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +185,28 @@ def test_generation_is_compressed_batched_and_matches_llava_hf(llava_dir, recipe
     lm.clean()
     saved = json.loads(stats_path.read_text())
     assert saved["overall"]["samples"] == 10 and saved["recipe"] == recipe_file
-    assert gen_metrics.summarize_logged_metrics()["avg_tokencomp_vision_tokens"] == pytest.approx(overall["vision_tokens_avg"])
+    thr = gen_metrics.summarize_logged_metrics()
+    assert thr["avg_tokencomp_vision_tokens"] == pytest.approx(overall["vision_tokens_avg"])
+    # issue 7: real generation numbers, not zeros (10 answers of up to 4 tokens)
+    assert 0 < thr["total_gen_tokens"] <= 10 * 4 and thr["total_elapsed_time"] > 0 and thr["avg_speed"] > 0
+    assert saved["overall"]["generate_requests"] == 10 and saved["overall"]["generated_tokens"] == thr["total_gen_tokens"]
     assert not model._forward_hooks and not model._forward_pre_hooks  # recipe removed
+
+
+def _hf_reference(folder, docs, max_new_tokens=4):
+    """The same checkpoint through transformers alone: list-content chat prompt, one doc at a time."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    out = []
+    for d in docs:
+        conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": d["question"]}]}]
+        prompt = processor.apply_chat_template(conv, add_generation_prompt=True)
+        inputs = processor(images=d["image"], text=prompt, return_tensors="pt")
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out.append(processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])
+    return out
 
 
 def test_vanilla_records_stats_and_untouched_outputs(llava_dir, recipe_file):
@@ -234,12 +217,36 @@ def test_vanilla_records_stats_and_untouched_outputs(llava_dir, recipe_file):
     assert vanilla.tokencomp_handle is None
     o = vanilla.tokencomp_summary()["overall"]
     assert o["samples"] == 3 and o["vision_tokens_avg"] == 64 and o["prefill_flops_ratio"] == 1.0
-    # the same weights through lmms-eval's own LlavaHf give the same answers
-    from lmms_eval.models.simple.llava_hf import LlavaHf
+    # the same weights through transformers alone (processor + chat template) give the same answers
+    assert _hf_reference(llava_dir, docs) == out
 
-    ref = LlavaHf(pretrained=llava_dir, device="cpu", device_map="cpu")  # its default "" fails on transformers 5
-    _setup_task(ref, docs)
-    assert ref.generate_until(_gen_requests(docs)) == out
+
+@pytest.mark.parametrize("family,template_file,expected", [
+    ("llava", "jinja", "USER: <image>\nwhat is 0? ASSISTANT:"),
+    ("llava", "json", "USER: <image>\nwhat is 0? ASSISTANT:"),
+    ("llava_next", "jinja", "[INST] <image>\nwhat is 0? [/INST]"),
+])
+def test_prompts_through_the_processor_template(family, template_file, expected, tmp_path):
+    """Issue 5: a transformers-5 checkpoint's list-content template is also on the tokenizer; LlavaHf's
+    string-content prompt rendered 'USER: ASSISTANT:' (image token lost) at batch size 1 and > 1."""
+    folder = _save_llava(tmp_path / "ckpt", template_file, family)
+    docs = _docs(4)
+    answers = {}
+    for bs in (1, 4):
+        lm = _make(f"pretrained={folder}", batch_size=bs)
+        assert lm._llava_prompt(docs[0]["question"], 1) == expected
+        assert lm._llava_prompt("<image>\n" + docs[0]["question"], 1) == expected  # a task's own marker
+        _setup_task(lm, docs)
+        answers[bs] = lm.generate_until(_gen_requests(docs))
+        assert lm.tokencomp_summary()["overall"]["samples"] == 4
+    assert answers[1] == answers[4]
+    assert _hf_reference(folder, docs) == answers[1]
+    # a string-content template (lmms-eval's Vicuna default, or chat_template=) keeps LlavaHf's prompt
+    from lmms_eval.models.simple.llava_hf import VICUNA_CHAT_TEMPLATE
+
+    lm.chat_template = VICUNA_CHAT_TEMPLATE
+    prompt = lm._llava_prompt("what?", 1)
+    assert prompt.endswith("USER: <image>\nwhat? ASSISTANT:") and prompt.startswith("A chat between")
 
 
 def test_loglikelihood(llava_dir, recipe_file, tmp_path):

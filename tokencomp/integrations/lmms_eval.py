@@ -51,6 +51,8 @@ from __future__ import annotations
 import importlib
 import json
 import threading
+import time
+from contextlib import contextmanager
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
@@ -110,6 +112,14 @@ class _Totals:
         self.per_layer: list[float] = []
         self.flops = 0.0
         self.flops_vanilla = 0.0
+        self.gen_requests = 0  # generate_until requests answered
+        self.gen_tokens = 0  # tokens of their answers (re-encoded, special tokens excluded)
+        self.gen_seconds = 0.0  # wall time spent in generate_until
+
+    def add_generation(self, requests: int, tokens: int, seconds: float) -> None:
+        self.gen_requests += requests
+        self.gen_tokens += tokens
+        self.gen_seconds += seconds
 
     def add(self, per_layer: list[int], flops: float, flops_vanilla: float) -> None:
         self.samples += 1
@@ -132,6 +142,9 @@ class _Totals:
             self.per_layer[i] += v
         self.flops += other.flops
         self.flops_vanilla += other.flops_vanilla
+        self.gen_requests += getattr(other, "gen_requests", 0)
+        self.gen_tokens += getattr(other, "gen_tokens", 0)
+        self.gen_seconds += getattr(other, "gen_seconds", 0.0)
 
     def summary(self) -> dict[str, Any]:
         n = max(self.samples, 1)
@@ -141,6 +154,9 @@ class _Totals:
             "vision_tokens_avg": self.vision_avg / n,
             "vision_tokens_per_layer": [v / n for v in self.per_layer],
             "prefill_flops_ratio": self.flops / self.flops_vanilla if self.flops_vanilla else 1.0,
+            "generate_requests": self.gen_requests,
+            "generated_tokens": self.gen_tokens,
+            "generate_seconds": self.gen_seconds,
         }
 
 
@@ -151,6 +167,89 @@ class _Pending:
         self.vision_in = vision_in
         self.valid = valid
         self.labels = labels
+
+
+# ------------------------------------------------------------------------------------------------
+# devices
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_cuda(device) -> bool:
+    return str(device).split(":")[0] == "cuda"
+
+
+def _map_device(base: Optional[str], kwargs: dict) -> tuple[dict, bool]:
+    """``device`` / ``device_map`` for lmms-eval's class ``base``; and whether this is CPU data parallel.
+
+    lmms-eval's classes default to ``device="cuda"`` and ``device_map`` ``"cuda"`` (Qwen2-VL),
+    ``"auto"`` (Qwen2.5-VL, Qwen3-VL) or ``""`` (LlavaHf, which transformers 5 rejects in a single
+    process). Here, for every base: no ``device`` on a machine without CUDA means ``cpu``; a
+    non-CUDA device that the user did not pair with a ``device_map`` gets ``device_map=device``;
+    LlavaHf's ``""`` becomes the device in a single process. Several processes (``accelerate launch``)
+    on a non-CUDA device are CPU data parallel (see :func:`_one_process_accelerator`).
+    """
+    from accelerate import PartialState
+
+    kwargs = dict(kwargs)
+    processes = PartialState().num_processes
+    device = kwargs.get("device")
+    if device is None and not torch.cuda.is_available():
+        device = kwargs["device"] = "cpu"
+    on_cuda = device is None or _is_cuda(device)
+    device_map = kwargs.get("device_map")
+    if not on_cuda and device_map in (None, ""):
+        kwargs["device_map"] = str(device)
+    elif base == "llava_hf" and device_map in (None, "") and processes <= 1:
+        kwargs["device_map"] = str(device or "cuda")
+    return kwargs, processes > 1 and not on_cuda
+
+
+class _OneProcessView:
+    """An ``Accelerator`` seen as a single process (lmms-eval's ``__init__`` then loads on ``device``)."""
+
+    def __init__(self, accelerator):
+        object.__setattr__(self, "_real", accelerator)
+
+    num_processes = 1
+    process_index = 0
+    local_process_index = 0
+    is_main_process = True
+    is_local_main_process = True
+
+    @property
+    def distributed_type(self):
+        from accelerate import DistributedType
+
+        return DistributedType.NO
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@contextmanager
+def _one_process_accelerator(cls):
+    """While lmms-eval's class of ``cls`` runs ``__init__``, its ``Accelerator()`` says one process.
+
+    Yields a list that receives the real accelerator; the caller then sets ``rank`` / ``world_size``
+    from it, so lmms-eval's evaluator still shards the documents over all processes and
+    ``clean()`` gathers tokencomp's statistics over them.
+    """
+    module = importlib.import_module(BASES[cls._tc_base][0])
+    real = getattr(module, "Accelerator")
+    made: list = []
+
+    def factory(*args, **kwargs):
+        accelerator = real(*args, **kwargs)
+        made.append(accelerator)
+        return _OneProcessView(accelerator)
+
+    module.Accelerator = factory
+    try:
+        yield made
+    finally:
+        module.Accelerator = real
+    if not made:  # the parent never asked: make one for rank / world size
+        made.append(real())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,7 +270,18 @@ class TokencompModel:
         import tokencomp  # recipes are checked before the (slow) model load
 
         self._tc_recipe = None if _is_vanilla(recipe) else tokencomp.load_recipe(recipe)
-        super().__init__(*args, **kwargs)
+        kwargs, cpu_data_parallel = _map_device(getattr(type(self), "_tc_base", None), kwargs)
+        if cpu_data_parallel:
+            # lmms-eval's classes hard-code cuda:<rank> (and DDP on GPUs) whenever accelerate runs several
+            # processes; on CPUs each rank loads the model on its device and takes its share of the docs.
+            with _one_process_accelerator(type(self)) as made:
+                super().__init__(*args, **kwargs)
+            accelerator = made[0]
+            self.accelerator = accelerator
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+        else:
+            super().__init__(*args, **kwargs)
         self._tc_recipe_arg = None if self._tc_recipe is None else (recipe if isinstance(recipe, str) else self._tc_recipe.name)
         self._tc_stats_path = stats_path
         self._tc_setup()
@@ -193,6 +303,8 @@ class TokencompModel:
         ids = registry().adapter_for(model).vision_token_ids(model)
         self._tc_vision_ids = torch.tensor(ids, dtype=torch.long)
         self._tc_last_stats = self._tc_handle.stats if self._tc_handle is not None else None
+        self._tc_generated = 0
+        self._tc_wrap_generate(model)
         # Ours run first (prepend) so `labels` never reach tokencomp's hook, and last (registered
         # after apply) so tokencomp's statistics of this forward are complete.
         self._tc_hooks = [
@@ -209,6 +321,10 @@ class TokencompModel:
         for h in getattr(self, "_tc_hooks", []):
             h.remove()
         self._tc_hooks = []
+        wrapped = getattr(self, "_tc_generate_wrapped", None)
+        if wrapped is not None:
+            wrapped.__dict__.pop("generate", None)
+            self._tc_generate_wrapped = None
         if getattr(self, "_tc_handle", None) is not None:
             self._tc_handle.remove()
             self._tc_handle = None
@@ -302,24 +418,48 @@ class TokencompModel:
 
     # ------------------------------------------------------------------ request entry points
 
-    def _tc_by_task(self, method, requests):
-        """Run ``method`` per task (so statistics are attributed), results in request order."""
+    def _tc_by_task(self, method, requests, timed: bool = False):
+        """Run ``method`` per task (so statistics are attributed), results in request order.
+
+        ``timed``: also record the wall time and the number of generated tokens per task (the
+        answers re-encoded without special tokens), reported as lmms-eval's throughput numbers.
+        """
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(getattr(req, "task_name", None) or "unknown", []).append(i)
         out: list = [None] * len(requests)
         for task, idx in groups.items():
             self._tc_task = task
+            start, generated = time.perf_counter(), self._tc_generated
             try:
                 res = method([requests[i] for i in idx])
             finally:
                 self._tc_task = "unknown"
+            if timed:
+                seconds = time.perf_counter() - start
+                self._tc_totals[task].add_generation(len(idx), self._tc_generated - generated, seconds)
             for i, r in zip(idx, res):
                 out[i] = r
         return out
 
+    def _tc_wrap_generate(self, model) -> None:
+        """Count the tokens each ``model.generate`` call produces (up to and including the first EOS of
+        every row; the padding after it is not counted)."""
+        original = model.generate
+
+        def generate(*args, **kwargs):
+            out = original(*args, **kwargs)
+            try:
+                self._tc_generated += _new_tokens(model, out, args, kwargs)
+            except Exception:  # counting must never break generation
+                pass
+            return out
+
+        model.generate = generate
+        self._tc_generate_wrapped = model
+
     def generate_until(self, requests):
-        return self._tc_by_task(super().generate_until, requests)
+        return self._tc_by_task(super().generate_until, requests, timed=True)
 
     def loglikelihood(self, requests):
         return self._tc_by_task(super().loglikelihood, requests)
@@ -354,6 +494,21 @@ class TokencompModel:
         return super().clean()
 
 
+def _new_tokens(model, out, args, kwargs) -> int:
+    """Tokens generated by one ``generate`` call: per row, up to and including its first EOS."""
+    sequences = out if isinstance(out, torch.Tensor) else out["sequences"]
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    start = input_ids.shape[1] if isinstance(input_ids, torch.Tensor) and input_ids.ndim == 2 else 0
+    new = sequences[:, start:]
+    eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
+    if eos is None:
+        return int(new.numel())
+    eos = torch.as_tensor(eos, device=new.device).reshape(-1)
+    is_eos = torch.isin(new, eos)
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, torch.full_like(is_eos[:, 0], new.shape[1], dtype=torch.long))
+    return int(first.sum())
+
+
 def _summary(totals: dict, recipe: Optional[str], model: Optional[str], layers: int) -> dict[str, Any]:
     overall = _Totals()
     for t in totals.values():
@@ -380,22 +535,29 @@ def _report(summary: dict, stats_path: Optional[str]) -> None:
         path = Path(stats_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2))
-    try:  # lands in the results JSON under "throughput" as avg_tokencomp_*
-        from lmms_eval.models.model_utils.gen_metrics import log_metrics
-
-        log_metrics(
-            total_elapsed_time=0.0,
-            total_gen_tokens=0,
-            avg_speed=0.0,
-            additional_metrics={
-                "tokencomp_vision_tokens": o["vision_tokens_avg"],
-                "tokencomp_vision_tokens_in": o["vision_tokens_in"],
-                "tokencomp_prefill_flops_ratio": o["prefill_flops_ratio"],
-                "tokencomp_samples": o["samples"],
-            },
-        )
+    ours = {
+        "tokencomp_vision_tokens": o["vision_tokens_avg"],
+        "tokencomp_vision_tokens_in": o["vision_tokens_in"],
+        "tokencomp_prefill_flops_ratio": o["prefill_flops_ratio"],
+        "tokencomp_samples": o["samples"],
+    }
+    try:  # lands in the results JSON under "throughput" (avg_tokencomp_*, and the real generation numbers)
+        from lmms_eval.models.model_utils import gen_metrics
     except Exception:  # pragma: no cover - older lmms-eval without gen_metrics
-        pass
+        return
+    if o["generate_requests"] and o["generate_seconds"] > 0:
+        # measured over all ranks: answers' tokens, wall time inside generate_until
+        gen_metrics.log_metrics(
+            total_elapsed_time=o["generate_seconds"],
+            total_gen_tokens=o["generated_tokens"],
+            avg_speed=o["generated_tokens"] / o["generate_seconds"],
+            additional_metrics={**ours, "total_requests": o["generate_requests"]},
+        )
+        return
+    # no generation (log-likelihood only): record nothing for tokens / speed rather than zeros
+    history = getattr(gen_metrics, "_THROUGHPUT_METRICS_HISTORY", None)
+    if isinstance(history, list):
+        history.append(dict(ours))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,43 +566,87 @@ def _report(summary: dict, stats_path: Optional[str]) -> None:
 
 
 class _LlavaHfBatching:
-    """``generate_until`` for ``LlavaHf`` at ``batch_size > 1`` (lmms-eval's asserts batch size 1).
+    """Prompts and generation for ``LlavaHf`` (LLaVA-1.5 / NeXT / OneVision), at every batch size.
 
-    Prompts, chat template and generation settings are those of ``LlavaHf.generate_until``
-    (which, like here, does not cut the answer at ``until``); video requests and batch size 1
-    go to ``LlavaHf`` itself.
+    **Prompts.** ``LlavaHf`` renders ``[{"role": "user", "content": "<image>\\n" + context}]`` with
+    ``tokenizer.apply_chat_template``. Checkpoints saved by transformers 5 (``chat_template.jinja``)
+    and the legacy ``chat_template.json`` ones both put the *processor's* template on the tokenizer
+    too; that template expects ``content`` as a list of ``{"type": "image"}`` / ``{"type": "text"}``
+    parts, so string content renders ``USER: ASSISTANT:`` and the image token is lost (the
+    processor then fails with "Found total 0 <image> tokens and 1 images"). Here the template
+    (``chat_template=`` argument, else the processor's, else the tokenizer's, else lmms-eval's
+    Vicuna default) is probed once: a template that renders list content gets the visuals as
+    ``image`` / ``video`` parts and the context (without ``<image>`` markers) as a text part,
+    rendered by the processor; a string-content template (lmms-eval's Vicuna default, a custom
+    one) gets ``LlavaHf``'s own string prompt.
 
-    Also: ``LlavaHf``'s default ``device_map=""`` is rejected by transformers 5 in a single process;
-    there it becomes ``device``.
+    **Generation.** Image and text-only requests are batched (left padding; lmms-eval's
+    ``LlavaHf`` asserts batch size 1), batch size 1 included, so that both go through the same
+    prompts; video requests run one at a time like ``LlavaHf``'s. Generation settings are
+    ``LlavaHf.generate_until``'s (which, like here, does not cut the answer at ``until``).
     """
 
-    def __init__(self, *args, device: str = "cuda", device_map: str = "", **kwargs):
-        if device_map == "":
-            from accelerate import PartialState
+    def _llava_template(self) -> tuple[str, bool]:
+        """(template, takes list content)."""
+        from lmms_eval.models.simple.llava_hf import VICUNA_CHAT_TEMPLATE
 
-            if PartialState().num_processes <= 1:
-                device_map = str(device)
-        super().__init__(*args, device=device, device_map=device_map, **kwargs)
+        template = (
+            self.chat_template
+            or getattr(self._image_processor, "chat_template", None)
+            or getattr(self.tokenizer, "chat_template", None)
+            or VICUNA_CHAT_TEMPLATE
+        )
+        if isinstance(template, dict):  # several named templates: the default one
+            template = template.get("default") or next(iter(template.values()))
+        cache = getattr(self, "_tc_template_kind", None)
+        if cache is None or cache[0] != template:
+            probe = "tokencomp-probe-7f3a"
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": probe}]}],
+                    chat_template=template, tokenize=False, add_generation_prompt=True,
+                )
+                takes_list = isinstance(text, str) and probe in text and "'type'" not in text
+            except Exception:
+                takes_list = False
+            cache = self._tc_template_kind = (template, takes_list)
+        return cache
 
-    def _llava_prompt(self, context: str, n_images: int, continuation: Optional[str] = None) -> str:
-        from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, VICUNA_CHAT_TEMPLATE
+    def _llava_prompt(self, context: str, n_images: int, continuation: Optional[str] = None, video: bool = False) -> str:
+        from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
 
-        if n_images and (continuation is not None or DEFAULT_IMAGE_TOKEN not in context):
-            context = " ".join([DEFAULT_IMAGE_TOKEN] * n_images) + "\n" + context
-        if self.chat_template is not None:
-            self.tokenizer.chat_template = self.chat_template
-        elif self.tokenizer.chat_template is None:
-            self.tokenizer.chat_template = VICUNA_CHAT_TEMPLATE
-        messages = [{"role": "user", "content": context}]
-        if continuation is None:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        messages.append({"role": "assistant", "content": continuation})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        template, takes_list = self._llava_template()
+        marker = DEFAULT_VIDEO_TOKEN if video else DEFAULT_IMAGE_TOKEN
+        if takes_list:
+            text = context
+            if n_images:
+                text = "\n".join(line.strip() for line in context.replace(marker, "\n").split("\n")).strip("\n")
+            parts = [{"type": "video" if video else "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+            messages = [{"role": "user", "content": parts}]
+            if continuation is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": continuation}]})
+        else:
+            if n_images and (continuation is not None or marker not in context):
+                context = " ".join([marker] * n_images) + "\n" + context
+            messages = [{"role": "user", "content": context}]
+            if continuation is not None:
+                messages.append({"role": "assistant", "content": continuation})
+        render = self._image_processor if takes_list else self.tokenizer
+        return render.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=continuation is None
+        )
 
     def loglikelihood(self, requests):
-        """``LlavaHf.loglikelihood``'s prompts and result convention (mean continuation loss, greedy
-        match), which lmms-eval 0.7.3 cannot run on transformers 5 (it calls the processor on
-        ``<image>`` text without images to measure the context length)."""
+        """``LlavaHf.loglikelihood``'s result convention (mean continuation loss, greedy match) with
+        the prompts above; lmms-eval 0.7.3's own cannot run on transformers 5 (it calls the processor
+        on ``<image>`` text without images to measure the context length).
+
+        Note: lmms-eval 0.7.3 (the newest release on PyPI) cannot score *any* model's
+        ``loglikelihood`` / ``multiple_choice`` task through its evaluator: ``evaluator.py`` passes
+        every response through ``api.instance.unwrap_generation_output``, which turns the
+        ``(loglikelihood, is_greedy)`` tuple into its ``str()``, and the task's ``process_results``
+        then fails on the string. No released lmms-eval fixes it yet; this method is tested directly.
+        """
         from tqdm import tqdm
 
         res = []
@@ -456,15 +662,30 @@ class _LlavaHfBatching:
             ids = inputs["input_ids"]
             labels = ids.clone()
             labels[:, :ctx_len] = -100
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: tokencomp's engine tracks tensor versions
                 out = self.model(**inputs, labels=labels)
             greedy = out["logits"][:, ctx_len - 1 : -1].argmax(dim=-1)
             res.append((float(out["loss"].item()), bool((greedy == ids[:, ctx_len:]).all())))
         return res
 
+    def _llava_generate(self, inputs, gen_kwargs: dict) -> list[str]:
+        inputs = inputs.to(self._device, self.model.dtype)
+        temperature = gen_kwargs.get("temperature", 0) or 0
+        do_sample = temperature > 0
+        cont = self.model.generate(
+            **inputs,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=gen_kwargs.get("top_p"),
+            num_beams=gen_kwargs.get("num_beams", 1),
+            max_new_tokens=gen_kwargs.get("max_new_tokens", 1024),
+            use_cache=self.use_cache,
+            pad_token_id=self.eot_token_id,
+            eos_token_id=self.eot_token_id,
+        )
+        return self.tokenizer.batch_decode(cont[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
     def generate_until(self, requests):
-        if int(self.batch_size) <= 1:
-            return super().generate_until(requests)
         import PIL.Image
         from lmms_eval import utils
         from tqdm import tqdm
@@ -477,53 +698,45 @@ class _LlavaHfBatching:
             visuals_of[i] = vis
             (video_idx if any(not isinstance(v, PIL.Image.Image) for v in vis) else image_idx).append(i)
         out: list = [None] * len(requests)
-        if video_idx:  # the parent's video path, one request at a time
-            saved = self.batch_size_per_gpu
-            self.batch_size_per_gpu = 1
-            try:
-                for i, r in zip(video_idx, super().generate_until([requests[i] for i in video_idx])):
-                    out[i] = r
-            finally:
-                self.batch_size_per_gpu = saved
-        if not image_idx:
-            return out
-
-        items = [requests[i].args + (i,) for i in image_idx]
-        collator = utils.Collator(items, lambda x: (-len(self.tok_encode(x[0])), x[0]), grouping=True)
-        results = []
-        pbar = tqdm(total=len(items), disable=(self.rank != 0), desc="Model Responding")
-        for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
-            contexts, all_gen_kwargs, _, _, _, _, order = zip(*chunk)
-            gen_kwargs = dict(all_gen_kwargs[0])
+        pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="Model Responding")
+        for i in video_idx:  # one at a time, like LlavaHf
+            context, gen_kwargs = requests[i].args[:2]
+            gen_kwargs = dict(gen_kwargs)
             gen_kwargs.pop("until", None)
-            texts, images = [], []
-            for ctx, i in zip(contexts, order):
-                vis = visuals_of[i]
-                texts.append(self._llava_prompt(ctx, len(vis)))
-                images.extend(vis)
-            inputs = self._image_processor(images=images or None, text=texts, padding=True, return_tensors="pt")
-            inputs = inputs.to(self._device, self.model.dtype)
-            temperature = gen_kwargs.get("temperature", 0) or 0
-            do_sample = temperature > 0
-            cont = self.model.generate(
-                **inputs,
-                do_sample=do_sample,
-                temperature=temperature if do_sample else None,
-                top_p=gen_kwargs.get("top_p"),
-                num_beams=gen_kwargs.get("num_beams", 1),
-                max_new_tokens=gen_kwargs.get("max_new_tokens", 1024),
-                use_cache=self.use_cache,
-                pad_token_id=self.eot_token_id,
-                eos_token_id=self.eot_token_id,
-            )
-            answers = self.tokenizer.batch_decode(cont[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for ctx, ans, gk in zip(contexts, answers, all_gen_kwargs):
-                results.append(ans)
-                self.cache_hook.add_partial("generate_until", (ctx, gk), ans)
-            pbar.update(len(chunk))
+            try:
+                videos = [self.load_video(visuals_of[i], self.max_frames_num)]
+            except Exception as exc:  # LlavaHf's convention: an empty answer
+                from loguru import logger
+
+                logger.info(f"Error {exc} when loading video : {visuals_of[i]}")
+                out[i] = ""
+            else:
+                text = self._llava_prompt(context, len(videos), video=True)
+                out[i] = self._llava_generate(self._image_processor(videos=videos, text=text, return_tensors="pt"), gen_kwargs)[0]
+            self.cache_hook.add_partial("generate_until", (context, requests[i].args[1]), out[i])
+            pbar.update(1)
+        if image_idx:
+            items = [requests[i].args + (i,) for i in image_idx]
+            collator = utils.Collator(items, lambda x: (-len(self.tok_encode(x[0])), x[0]), grouping=True)
+            results = []
+            for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+                contexts, all_gen_kwargs, _, _, _, _, order = zip(*chunk)
+                gen_kwargs = dict(all_gen_kwargs[0])
+                gen_kwargs.pop("until", None)
+                texts, images = [], []
+                for ctx, i in zip(contexts, order):
+                    vis = visuals_of[i]
+                    texts.append(self._llava_prompt(ctx, len(vis)))
+                    images.extend(vis)
+                inputs = self._image_processor(images=images or None, text=texts, padding=True, return_tensors="pt")
+                answers = self._llava_generate(inputs, gen_kwargs)
+                for ctx, ans, gk in zip(contexts, answers, all_gen_kwargs):
+                    results.append(ans)
+                    self.cache_hook.add_partial("generate_until", (ctx, gk), ans)
+                pbar.update(len(chunk))
+            for i, ans in zip(image_idx, collator.get_original(results)):
+                out[i] = ans
         pbar.close()
-        for i, ans in zip(image_idx, collator.get_original(results)):
-            out[i] = ans
         return out
 
 
@@ -544,7 +757,8 @@ def model_class(base: str) -> type:
     if cls is None:
         module, name = BASES[base]
         parent = getattr(importlib.import_module(module), name)
-        cls = type(_NAMES[base], (TokencompModel, *_EXTRA.get(base, ()), parent), {"__module__": __name__, "is_simple": True})
+        attrs = {"__module__": __name__, "is_simple": True, "_tc_base": base}
+        cls = type(_NAMES[base], (TokencompModel, *_EXTRA.get(base, ()), parent), attrs)
         _classes[base] = cls
     return cls
 
