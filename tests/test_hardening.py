@@ -48,17 +48,11 @@ def kept_counts(handle, layer):
 
 
 @dataclass(frozen=True)
-class HalfMinusInf:
+class HalfMinusInf(tokencomp.Scorer):
     """Scores ``-inf`` on three tokens in four (by token index), a real score elsewhere: the budget
     (half) must take some ``-inf`` candidates, which non-candidates used to steal."""
 
     name = "half_minus_inf"
-    attention = None
-    needs_prev_hidden = False
-    needs_embeddings = False
-
-    def queries(self, view):
-        return view.last_index[:, None]
 
     def score(self, view):
         s = view.hidden.float().norm(dim=-1)

@@ -44,6 +44,7 @@ from .ranking import best_mask
 from .recipe import Recipe, load_recipe
 
 _META_ATTR = "_tokencomp_meta"
+_SIGNALS_ATTR = "_tokencomp_signals"
 _active: "weakref.WeakKeyDictionary[torch.nn.Module, Handle]" = weakref.WeakKeyDictionary()
 _active_lock = threading.Lock()
 
@@ -122,6 +123,8 @@ class _Forward:
     prev_hidden: Optional[torch.Tensor] = None
     prev_output: Optional[torch.Tensor] = None  # output of the layer before a variation stage
     keeps: dict = field(default_factory=dict)  # stage layer -> (B,) keep ratios of an input-dependent schedule
+    signals: dict = field(default_factory=dict)  # vision-tower signal -> values in placeholder order
+    signal_full: dict = field(default_factory=dict)  # vision-tower signal -> (B, L) over the full sequence
     embeddings: Optional[torch.Tensor] = None
     capture: dict = field(default_factory=dict)  # layer -> {"q": ..., "k": ...}
     probe_queries: dict = field(default_factory=dict)  # drop layer -> (B, Q) query indices at layer - 1
@@ -184,6 +187,15 @@ class Handle:
             )
         if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
             raise UnsupportedModelError("torch.compile'd models are not supported: apply before compiling is not possible either")
+        self._signals = sorted({n for s in self.stages for n in s.scorer.signals})
+        missing = [n for n in self._signals if n not in self.adapter.signal_names(model)]
+        if missing:
+            users = sorted({s.scorer.name for s in self.stages if set(s.scorer.signals) & set(missing)})
+            have = ", ".join(self.adapter.signal_names(model)) or "none"
+            raise UnsupportedModelError(
+                f"scorer {', '.join(map(repr, users))} needs the vision-tower signal {', '.join(missing)}, which the "
+                f"{self.adapter.name!r} adapter does not compute for {type(model).__name__} (available: {have})"
+            )
         for stage in self.stages:
             scorer = stage.scorer
             if scorer.attention is not None:
@@ -226,6 +238,8 @@ class Handle:
                         self._hooks.append(proj.register_forward_hook(self._capture_hook(stage.layer - 1, name)))
                 if stage.scorer.needs_prev_hidden:
                     self._hooks.append(self.layers[stage.layer - 1].register_forward_hook(self._output_hook()))
+            if self._signals:
+                self._hooks.extend(self.adapter.install_signals(self.model, self._signals, self._emit_signal))
             undo = self.adapter.install(self.model, self)
             if undo is not None:
                 self._undo.append(undo)
@@ -381,8 +395,13 @@ class Handle:
                 stacklevel=6,
             )
         keeps = self._keeps_for(is_vision) if self._adaptive else {}
+        signals = {}
+        if self._signals:
+            for encoded in (kwargs.get("mm_encoder_outputs") or {}).values():
+                signals.update(getattr(encoded, _SIGNALS_ATTR, None) or {})
         return _Forward(
-            "prefill", length=L, is_vision=is_vision, valid=valid, groups=groups, last=last, keeps=keeps, stats=Stats()
+            "prefill", length=L, is_vision=is_vision, valid=valid, groups=groups, last=last, keeps=keeps, signals=signals,
+            stats=Stats(),
         )
 
     def _keeps_for(self, is_vision: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -422,6 +441,37 @@ class Handle:
                 state.capture[layer_idx][name] = output
 
         return hook
+
+    def _emit_signal(self, name: str, values: torch.Tensor, carrier: Any = None) -> None:
+        state = self.current()
+        if state is not None and state.mode == "prefill":
+            state.signals[name] = values
+        if carrier is not None:
+            # generate() may run the tower before the prefill and hand its output back to every
+            # forward as `mm_encoder_outputs`: the signal travels with that object.
+            carrier.__dict__.setdefault(_SIGNALS_ATTR, {})[name] = values
+
+    def _signal_view(self, state: _Forward, idx: torch.Tensor, scorer) -> dict:
+        """The scorer's signals as (B, S) tensors over the current tokens."""
+        out = {}
+        for name in scorer.signals:
+            full = state.signal_full.get(name)
+            if full is None:
+                values = state.signals.get(name)
+                if values is None:
+                    raise UnsupportedModelError(
+                        f"scorer {scorer.name!r}: the vision tower did not run in this forward, so signal {name!r} is "
+                        "missing (an inputs_embeds-only call?)"
+                    )
+                full = torch.zeros(state.is_vision.shape, dtype=values.dtype, device=values.device)
+                if values.numel() != int(state.is_vision.sum()):
+                    raise UnsupportedModelError(
+                        f"signal {name!r} has {values.numel()} values for {int(state.is_vision.sum())} vision tokens"
+                    )
+                full[state.is_vision.to(values.device)] = values
+                state.signal_full[name] = full
+            out[name] = full.to(idx.device).gather(1, idx)
+        return out
 
     def _output_hook(self):
         def hook(module, args, output):
@@ -496,6 +546,7 @@ class Handle:
             embeddings=emb,
             attention=attention,
             keep=stage.keep,
+            signals=self._signal_view(state, idx, stage.scorer) if stage.scorer.signals else {},
         )
 
     @staticmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, Optional, Sequence
 
 import torch
 
@@ -55,6 +55,9 @@ class LayerView:
     with :meth:`Scorer.queries` (only if the scorer sets ``attention``); rows for ``-1`` queries are 0."""
     keep: float = 1.0
     """Fraction of the live vision tokens this stage keeps."""
+    signals: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """Vision-tower signals the scorer declared in ``Scorer.signals``: ``(B, S)`` per name, aligned with
+    the current tokens (0 on non-vision tokens)."""
 
 
 def token_runs(mask: torch.Tensor, ids: Optional[torch.Tensor] = None) -> list[tuple[int, int, Optional[int]]]:
@@ -104,12 +107,16 @@ class Scorer(_Plugin):
     * ``needs_embeddings``: the input embeddings of the current tokens;
     * ``attention``: ``"previous"`` for attention rows of the layer *before* the drop layer (taken
       from that layer's own post-RoPE q/k while it runs), ``"current"`` for rows computed with the
-      drop layer's own norm and q/k projections on its input. Rows are chosen by :meth:`queries`.
+      drop layer's own norm and q/k projections on its input. Rows are chosen by :meth:`queries`;
+    * ``signals``: vision-tower signals by name (see :meth:`ModelAdapter.signal_names`).
     """
 
     needs_prev_hidden: ClassVar[bool] = False
     needs_embeddings: ClassVar[bool] = False
     attention: ClassVar[Optional[AttentionSource]] = None
+    signals: ClassVar[tuple[str, ...]] = ()
+    """Named vision-tower signals the scorer reads from ``view.signals`` (e.g. ``"cls_attention"``);
+    the model adapter computes them (:meth:`ModelAdapter.install_signals`)."""
 
     def queries(self, view: LayerView) -> torch.Tensor:
         """``(B, Q)`` long indices of the query rows whose attention the scorer needs; ``-1`` pads.
@@ -231,6 +238,22 @@ class ModelAdapter(_Plugin):
         starts = vision_mask & ~torch.nn.functional.pad(vision_mask, (1, 0))[:, :-1]
         groups = torch.cumsum(starts.long(), dim=1) - 1
         return torch.where(vision_mask, groups, torch.full_like(groups, -1))
+
+    def signal_names(self, model) -> tuple[str, ...]:
+        """Vision-tower signals this adapter can compute for ``model`` (default: none). Known names:
+
+        * ``cls_attention``: head-averaged attention of the encoder's [CLS] query to each patch, at the
+          layer whose output the projector reads, one value per LLM vision token."""
+        return ()
+
+    def install_signals(self, model, names: Sequence[str], emit: Callable[..., None]) -> list:
+        """Hook the vision tower so that each of ``names`` is computed while it runs, then passed to
+        ``emit(name, values, output)``: one value per vision token, in the order the model places image
+        features into the prompt (row-major over the batch), and the tower's output object (``generate``
+        may encode images before the prefill and pass that object back in as ``mm_encoder_outputs``).
+        Return the removable hook handles. Compute from the tower's own projections, never by forcing
+        eager attention or ``output_attentions``."""
+        return []
 
     def install(self, model, engine) -> Optional[Callable[[], None]]:
         """Install family-specific patches (e.g. Qwen3-VL deepstack); return a function that undoes them."""

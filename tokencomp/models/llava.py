@@ -1,10 +1,15 @@
 """LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision: plain causal Llama / Qwen2 decoders, nothing to adapt
 beyond finding the image / video placeholder ids (NeXT's ``image_newline`` rows sit on placeholder
-slots too, so they count as vision tokens). OneVision videos are split into frames for quotas."""
+slots too, so they count as vision tokens). OneVision videos are split into frames for quotas.
+
+Vision-tower signals (LLaVA-1.5): ``cls_attention`` from the CLIP layer whose output the projector
+reads (``vision_feature_layer``, −2: the layer VisionZip and FasterVLM read ``attentions[-2]`` of);
+each image's 576 patches map 1:1, in order, to its placeholder tokens."""
 
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -17,6 +22,47 @@ class LlavaAdapter(ModelAdapter):
 
     name = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+
+    def signal_names(self, model):
+        # NeXT's anyres tiles are unpadded and get newline rows: no 1:1 patch map (yet).
+        plain = type(model).__name__ == "LlavaForConditionalGeneration"
+        return ("cls_attention",) if plain and isinstance(model.config.vision_feature_layer, int) else ()
+
+    def install_signals(self, model, names, emit):
+        cfg = model.config
+        tower = model.model.vision_tower
+        layers = next(m for n, m in tower.named_modules() if n.endswith("encoder")).layers
+        vfl = cfg.vision_feature_layer  # hidden_states[vfl] is the output of layer vfl - 1
+        attn = layers[max(0, len(layers) + vfl if vfl < 0 else vfl - 1)].self_attn
+        strip_cls = cfg.vision_feature_select_strategy == "default"
+        local = threading.local()
+
+        def keep_query(module, args, out):
+            local.q = out[:, :1]  # the [CLS] row only
+
+        def attention_row(module, args, out):
+            q = getattr(local, "q", None)
+            local.q = None
+            if q is None:
+                return
+            N, T, _ = out.shape
+            H, d = attn.num_heads, attn.head_dim
+            qh = q.reshape(N, 1, H, d).transpose(1, 2).float()
+            kh = out.reshape(N, T, H, d).transpose(1, 2).float()
+            row = torch.softmax((qh @ kh.transpose(-1, -2)) * attn.scale, dim=-1).mean(1)[:, 0]  # (N, T)
+            local.row = (row[:, 1:] if strip_cls else row).reshape(-1)
+
+        def tower_done(module, args, out):
+            row = getattr(local, "row", None)
+            local.row = None
+            if row is not None:
+                emit("cls_attention", row, out)
+
+        return [
+            attn.q_proj.register_forward_hook(keep_query),
+            attn.k_proj.register_forward_hook(attention_row),
+            tower.register_forward_hook(tower_done),
+        ]
 
 
 class LlavaOnevisionAdapter(LlavaAdapter):

@@ -1,0 +1,122 @@
+"""Vision-tower signals: scorers declare them, adapters compute them from the encoder's own q/k
+(never eager attention, never ``output_attentions``), the engine aligns them with the tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokencomp
+from tokencomp.errors import UnsupportedModelError
+from tokencomp.testing import _CLASSES, _attn_map, make_inputs, take_sample, tiny_config
+
+from test_engine import gen_kwargs, max_score_diff, tiny
+
+
+def deep_llava(attn="sdpa", vision_layers=3):
+    """Tiny LLaVA whose CLIP tower has several layers, so layer -2 is a real middle layer."""
+    cfg = tiny_config("llava", attn=attn)
+    cfg.vision_config.num_hidden_layers = vision_layers
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _CLASSES["llava"]._from_config(cfg, attn_implementation=_attn_map(attn))
+    return model.eval()
+
+
+VISIONZIP = {"schedule": {"stages": [{"phase": "input", "keep": 0.25, "scorer": "cls_attention", "merge": {"name": "contextual", "tokens": 4}}, {"layer": 3, "keep": 0.5}]}}
+
+
+def reference_cls_attention(model, inputs):
+    """The [CLS] row of the eager attention of the layer the projector reads, head-averaged."""
+    eager = deep_llava("eager")
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    layer = len(out.attentions) + model.config.vision_feature_layer  # attentions[-2]
+    return out.attentions[layer][:, :, 0, 1:].mean(1)  # (N, 576-like)
+
+
+def test_cls_attention_equals_the_eager_reference_and_drives_the_selection():
+    model = deep_llava()
+    inputs = make_inputs(model, batch=2)
+    ref = reference_cls_attention(model, inputs)
+    rec = {"schedule": {"stages": [{"phase": "input", "keep": 0.25, "scorer": "cls_attention"}]}}
+    seen = {}
+
+    from tokencomp.scorers.cls_attention import ClsAttentionScorer
+
+    original = ClsAttentionScorer.score
+
+    def spy(self, view):
+        seen["signal"] = view.signals["cls_attention"].clone()
+        seen["vision"] = view.vision_mask.clone()
+        return original(self, view)
+
+    ClsAttentionScorer.score = spy
+    try:
+        with torch.no_grad(), tokencomp.apply(model, rec) as h:
+            model(**inputs)
+            kept = h.stats.kept_positions[0]
+    finally:
+        ClsAttentionScorer.score = original
+    vision = inputs["input_ids"] == model.config.image_token_id
+    for b in range(2):
+        got = seen["signal"][b][vision[b]]
+        assert torch.allclose(got, ref[b], atol=1e-6)
+        assert (seen["signal"][b][~vision[b]] == 0).all()
+        positions = torch.nonzero(vision[b]).flatten()
+        k = int(len(positions) * 0.25)
+        top = positions[torch.sort(ref[b], descending=True, stable=True).indices[:k]].sort().values
+        assert torch.equal(kept[b], top)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_visionzip_recipe_cache_equals_no_cache_and_batch_equals_single(attn):
+    model = deep_llava(attn)
+    inputs = make_inputs(model, batch=2)
+    with torch.no_grad(), tokencomp.apply(model, VISIONZIP) as h:
+        cached = model.generate(**inputs, **gen_kwargs(model))
+        stats = h.stats
+        assert [row[0] for row in stats.vision_tokens_per_layer] == [16, 16]
+        with h.replay(stats.kept_positions, stats.summary_positions):
+            fresh = model.generate(**inputs, use_cache=False, **gen_kwargs(model))
+        assert torch.equal(cached.sequences, fresh.sequences)
+        assert max_score_diff(cached, fresh) < 1e-4
+        n_new = cached.sequences.shape[1] - inputs["input_ids"].shape[1]
+        for b in range(2):
+            solo = model.generate(**take_sample(inputs, b), **gen_kwargs(model))
+            assert torch.equal(solo.sequences[0, -n_new:], cached.sequences[b, -n_new:])
+
+
+def test_signals_keep_the_vision_tower_on_its_kernel():
+    """No output_attentions, no eager switch: the tower's attention implementation is untouched and
+    the hooks are gone after remove()."""
+    model = deep_llava("sdpa")
+    tower_impl = model.config.vision_config._attn_implementation
+    inputs = make_inputs(model)
+
+    def tower_hooks():
+        return sum(len(m._forward_hooks) for m in model.model.vision_tower.modules())
+
+    before = tower_hooks()
+    with torch.no_grad(), tokencomp.apply(model, VISIONZIP):
+        assert tower_hooks() == before + 3  # q, k of one layer and the tower's output
+        model(**inputs)
+        assert model.config.vision_config._attn_implementation == tower_impl == "sdpa"
+    assert tower_hooks() == before
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+def test_a_family_without_the_signal_is_refused_at_apply(family):
+    with pytest.raises(UnsupportedModelError, match=r"'cls_attention' needs the vision-tower signal cls_attention"):
+        tokencomp.apply(tiny(family), VISIONZIP)
+
+
+def test_inputs_embeds_without_the_tower_is_a_clear_error():
+    model = deep_llava()
+    inputs = make_inputs(model)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    vision = inputs["input_ids"] == model.config.image_token_id
+    with torch.no_grad(), tokencomp.apply(model, VISIONZIP) as h, h.vision_mask(vision):
+        with pytest.raises(UnsupportedModelError, match="vision tower did not run"):
+            model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
