@@ -427,3 +427,145 @@ def test_statistics_on_other_families(family, recipe_file):
     model = lm.model
     lm.tokencomp_remove()
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+# ------------------------------------------------------------------------------------------------
+# `lmms-eval --model tokencomp` end to end, as a command: a local task whose dataset is saved to
+# disk with `datasets` (dataset_kwargs: {load_from_disk: true}), on a save_tiny_checkpoint folder
+
+DISK_TASK_YAML = """\
+task: tc_disk
+dataset_path: {data}
+dataset_kwargs:
+  load_from_disk: true
+test_split: test
+output_type: generate_until
+doc_to_visual: !function tc_disk_utils.doc_to_visual
+doc_to_text: !function tc_disk_utils.doc_to_text
+doc_to_target: answer
+generation_kwargs:
+  max_new_tokens: 4
+  temperature: 0
+process_results: !function tc_disk_utils.process_results
+metric_list:
+  - metric: exact
+    aggregation: mean
+    higher_is_better: true
+"""
+
+DISK_TASK_UTILS = """\
+def doc_to_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    return {"exact": float(results[0].strip() == doc["answer"])}
+"""
+
+N_DISK_DOCS = 6
+
+
+@pytest.fixture(scope="module")
+def disk_task(tmp_path_factory):
+    import datasets
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("disk-task")
+    rows = {"image": [], "question": [], "answer": []}
+    for i in range(N_DISK_DOCS):  # different sizes and question lengths: batches are padded
+        rng = np.random.default_rng(i)
+        rows["image"].append(Image.fromarray(rng.integers(0, 256, (80 + 8 * i, 120 - 6 * i, 3), dtype=np.uint8)))
+        rows["question"].append(f"What is shown in image {i}?" + " Describe it." * (i % 3))
+        rows["answer"].append("yes")
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"), "answer": datasets.Value("string")})
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows, features=features)}).save_to_disk(str(folder / "data"))
+    (folder / "tc_disk.yaml").write_text(DISK_TASK_YAML.format(data=folder / "data"))
+    (folder / "tc_disk_utils.py").write_text(DISK_TASK_UTILS)
+    return str(folder)
+
+
+def _cli(prefix, model_args, task_dir, out, batch_size, timeout=300):
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = prefix + ["-m", "lmms_eval", "--model", "tokencomp", "--model_args", model_args, "--tasks", "tc_disk",
+                    "--include_path", task_dir, "--batch_size", str(batch_size), "--device", "cpu",
+                    "--output_path", str(out), "--log_samples"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results = list(out.rglob("*_results.json"))
+    samples = list(out.rglob("*_samples_tc_disk.jsonl"))
+    assert len(results) == 1 and len(samples) == 1, list(out.rglob("*"))
+    rows = [json.loads(line) for line in samples[0].read_text().splitlines() if line.strip()]
+    def first(x):
+        return first(x[0]) if isinstance(x, list) else x
+
+    answers = {r["doc_id"]: first(r["filtered_resps"]) for r in rows}
+    assert all(isinstance(a, str) for a in answers.values())
+    return json.loads(results[0].read_text()), answers
+
+
+def _disk_recipe(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(RECIPE)
+    return str(path)
+
+
+def test_cli_end_to_end_vanilla_recipe_and_batch_sizes(llava_dir, disk_task, tmp_path):
+    """`lmms-eval --model tokencomp` as a command: results JSON with tokencomp's statistics; the
+    recipe changes the vision tokens, not the pipeline; batch size 1 and 4 give the same answers."""
+    recipe = _disk_recipe(tmp_path)
+    py = [sys.executable]
+    vanilla, ans_vanilla = _cli(py, f"pretrained={llava_dir}", disk_task, tmp_path / "vanilla", 4)
+    res1, ans1 = _cli(py, f"pretrained={llava_dir},recipe={recipe},stats_path={tmp_path}/s1.json", disk_task, tmp_path / "bs1", 1)
+    res4, ans4 = _cli(py, f"pretrained={llava_dir},recipe={recipe}", disk_task, tmp_path / "bs4", 4)
+
+    for res in (vanilla, res1, res4):
+        assert "exact,none" in res["results"]["tc_disk"]
+        assert res["throughput"]["avg_tokencomp_samples"] == N_DISK_DOCS
+        assert res["throughput"]["avg_tokencomp_vision_tokens_in"] == 64
+        assert res["throughput"]["total_gen_tokens"] > 0 and res["throughput"]["avg_speed"] > 0
+    assert vanilla["throughput"]["avg_tokencomp_vision_tokens"] == 64
+    assert vanilla["throughput"]["avg_tokencomp_prefill_flops_ratio"] == 1
+    assert res1["throughput"]["avg_tokencomp_vision_tokens"] == pytest.approx((64 * 2 + 32 * 2 + 8 * 2) / 6)
+    assert res1["throughput"]["avg_tokencomp_prefill_flops_ratio"] < 1
+    assert len(ans1) == len(ans4) == len(ans_vanilla) == N_DISK_DOCS
+    assert ans1 == ans4
+    stats = json.loads((tmp_path / "s1.json").read_text())
+    assert stats["overall"]["samples"] == N_DISK_DOCS and stats["samples_per_rank"] == [N_DISK_DOCS]
+
+
+def test_cli_data_parallel_two_cpu_processes(llava_dir, disk_task, tmp_path, monkeypatch):
+    """Data parallel over two CPU processes (``torchrun --nproc_per_node 2 -m lmms_eval --model tokencomp``):
+    each rank takes half of the documents; results and tokencomp's statistics are gathered over both.
+
+    Why torchrun and not ``accelerate launch --cpu --num_processes 2``: accelerate 1.15 starts a single
+    process for ``--cpu`` (several CPU processes need ``--mpirun_hostfile`` and an MPI ``mpirun``, absent
+    here), and its ``accelerate`` console script imports timm, which imports the torchvision that cannot
+    load beside a CPU torch. lmms-eval's torchrun path and accelerate's state (``ACCELERATE_USE_CPU=1``,
+    gloo) are what ``accelerate launch`` would set up with MPI.
+    """
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    recipe = _disk_recipe(tmp_path)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    stats_path = tmp_path / "dp.json"
+    res, answers = _cli(launch, f"pretrained={llava_dir},recipe={recipe},stats_path={stats_path}", disk_task, tmp_path / "dp", 2)
+    assert sorted(answers) == list(range(N_DISK_DOCS))
+    stats = json.loads(stats_path.read_text())
+    assert stats["samples_per_rank"] == [N_DISK_DOCS // 2, N_DISK_DOCS // 2]  # really split over two ranks
+    assert stats["overall"]["samples"] == N_DISK_DOCS and stats["overall"]["generate_requests"] == N_DISK_DOCS
+    thr = res["throughput"]
+    assert thr["avg_tokencomp_samples"] == N_DISK_DOCS
+    assert thr["avg_tokencomp_vision_tokens"] == pytest.approx((64 * 2 + 32 * 2 + 8 * 2) / 6)
+    # same answers as one process
+    _, single = _cli([sys.executable], f"pretrained={llava_dir},recipe={recipe}", disk_task, tmp_path / "one", 2)
+    assert answers == single

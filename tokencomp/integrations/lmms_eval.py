@@ -472,10 +472,12 @@ class TokencompModel:
 
     def _tc_gathered(self) -> dict[str, _Totals]:
         totals = dict(self._tc_totals)
+        self._tc_rank_samples = [sum(t.samples for t in totals.values())]
         dist = torch.distributed
         if int(getattr(self, "world_size", 1) or 1) > 1 and dist.is_available() and dist.is_initialized():
             parts: list = [None] * dist.get_world_size()
             dist.all_gather_object(parts, totals)
+            self._tc_rank_samples = [sum(t.samples for t in part.values()) for part in parts]
             merged: dict[str, _Totals] = defaultdict(_Totals)
             for part in parts:
                 for task, t in part.items():
@@ -487,6 +489,7 @@ class TokencompModel:
         if getattr(self, "_tc_totals", None) is not None and not getattr(self, "_tc_reported", False):
             self._tc_reported = True
             summary = _summary(self._tc_gathered(), self._tc_recipe_arg, getattr(self, "pretrained", None), self._tc_shape.layers)
+            summary["samples_per_rank"] = self._tc_rank_samples  # data parallel: each rank's share
             self._tc_final = summary
             if int(getattr(self, "rank", 0) or 0) == 0:
                 _report(summary, self._tc_stats_path)
