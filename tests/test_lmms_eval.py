@@ -569,3 +569,19 @@ def test_cli_data_parallel_two_cpu_processes(llava_dir, disk_task, tmp_path, mon
     # same answers as one process
     _, single = _cli([sys.executable], f"pretrained={llava_dir},recipe={recipe}", disk_task, tmp_path / "one", 2)
     assert answers == single
+
+
+@pytest.mark.parametrize("base", ["llava_hf", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_device_map_follows_device_for_every_base(base, monkeypatch):
+    """Issue 6: lmms-eval's Qwen classes default to device_map="cuda" / "auto"; `--device cpu` (and a
+    machine without CUDA) must load on the CPU for every base, not only llava_hf."""
+    from tokencomp.integrations.lmms_eval import _map_device
+
+    assert _map_device(base, {"device": "cpu"}) == ({"device": "cpu", "device_map": "cpu"}, False)
+    assert _map_device(base, {"device": "cpu", "device_map": "auto"})[0]["device_map"] == "auto"  # explicit wins
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _map_device(base, {}) == ({"device": "cpu", "device_map": "cpu"}, False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kwargs, _ = _map_device(base, {"device": "cuda:1"})
+    # GPUs: lmms-eval's own defaults, except LlavaHf's "" that transformers 5 rejects in one process
+    assert kwargs.get("device_map") == ("cuda:1" if base == "llava_hf" else None)
