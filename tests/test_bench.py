@@ -84,3 +84,43 @@ def test_bench_cli_json(tmp_path, capsys):
     assert [d["vision_tokens"] for d in data] == [16, 32]
     assert data[1]["vision_tokens_per_layer"] == [32, 32, 16, 16]
     assert "| recipe |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"vision_tokens": 0}, {"text_tokens": -1}, {"batch": 0}, {"new_tokens": -1}, {"repeat": 0}, {"repeat": 1.5}, {"batch": True}],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
+)
+def test_bench_rejects_sizes_out_of_range(kwargs):
+    """Before any model work (no model is even needed), with the name and the value."""
+    from tokencomp.errors import UsageError
+
+    ((name, value),) = kwargs.items()
+    with pytest.raises(UsageError, match=f"{name} must be an integer >= ., got {value!r}"):
+        bench(None, {}, **kwargs)
+
+
+def test_bench_interrupted_carries_the_complete_rounds(monkeypatch):
+    """Ctrl-C in round 3 of 3: a KeyboardInterrupt whose report holds rounds 1-2 only."""
+    import tokencomp.bench as tb
+
+    real, calls = tb._run, []
+
+    def run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 * 3 + 2:  # second variant of round 3: its first variant must be dropped too
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tb, "_run", run)
+    model = build_synthetic("llava-1.5-7b:layers=4,hidden=64,heads=4,kv_heads=2,intermediate=128")
+    recipe = {"scorer": "v2drop", "schedule": {"stages": [{"layer": 2, "keep": 0.5}]}}
+    with pytest.raises(KeyboardInterrupt) as info:
+        bench(model, recipe, vision_tokens=8, text_tokens=2, new_tokens=1, repeat=3, progress=False)
+    assert isinstance(info.value, tb.BenchInterrupted)
+    rep = info.value.report
+    json.dumps(rep)
+    assert rep["partial"] is True and rep["repeat"] == 2 and rep["repeat_requested"] == 3
+    assert rep["vision_tokens_per_layer"] == [8, 8, 4, 4]
+    assert "PARTIAL: interrupted after 2 of 3 rounds" in format_report(rep)
+    tokencomp.apply(model, recipe).remove()  # the interrupted round's hooks were removed: applies again
