@@ -439,3 +439,20 @@ def test_core_raises_only_tokencomp_errors():
                 if name and name[0].isupper() and name not in allowed and not abstract:
                     bad.append(f"{rel}:{node.lineno}: raise {name}")
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_inference_mode_works_like_no_grad(family):
+    """lmms-eval runs some requests under torch.inference_mode (tensors without version counters)."""
+    model = tiny(family)
+    inputs = make_inputs(model, batch=2)
+    rec = make_recipe(V2DropScorer(), [(1, 0.5), (3, 0.5)])
+    with tokencomp.apply(model, rec) as h:
+        with torch.no_grad():
+            ref = model(**inputs).logits
+            ref_kept = h.stats.kept_positions
+        with torch.inference_mode():
+            got = model(**inputs).logits
+        assert torch.equal(ref, got)
+        for layer, kept in ref_kept.items():
+            assert all(torch.equal(a, b) for a, b in zip(kept, h.stats.kept_positions[layer]))

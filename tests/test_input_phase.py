@@ -117,9 +117,9 @@ def test_input_stage_recipe_errors(stage, message):
 
 def test_negative_control_physical_cache_length(monkeypatch):
     """Without the logical length, decoding after an input stage reads wrong mask columns/positions."""
-    from tokencomp import engine
+    from tokencomp import decode
 
-    monkeypatch.setattr(engine._CompactedCache, "_logical", lambda self, layer_idx, physical: physical)
+    monkeypatch.setattr(decode.CompactedCache, "_logical", lambda self, layer_idx, physical: physical)
     model = tiny("llava")
     inputs = make_inputs(model, batch=2)
     with torch.no_grad(), tokencomp.apply(model, recipe()) as h:

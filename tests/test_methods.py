@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokencomp
-import tokencomp.engine
+import tokencomp.prefill
 from tokencomp import plugins
 from tokencomp.accounting import average_tokens, tokens_per_layer
 from tokencomp.interfaces import LayerView, Scorer, Stage
@@ -403,14 +403,14 @@ def test_attention_scorers_never_materialise_an_attention_matrix(monkeypatch):
             return out
 
     probe_shapes, attn_outputs = [], []
-    real_rows = tokencomp.engine.attention_rows
+    real_rows = tokencomp.prefill.attention_rows
 
     def rows(*args, **kwargs):
         out = real_rows(*args, **kwargs)
         probe_shapes.append(tuple(out.shape))
         return out
 
-    monkeypatch.setattr(tokencomp.engine, "attention_rows", rows)
+    monkeypatch.setattr(tokencomp.prefill, "attention_rows", rows)
 
     def on_attn(module, args, output):
         attn_outputs.append((module.config._attn_implementation, output[1]))

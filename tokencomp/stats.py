@@ -1,0 +1,41 @@
+"""What a compressed prefill did: :class:`Stats`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass
+class Stats:
+    """What the last compressed forward (the prefill of a ``generate``) did.
+
+    ``vision_tokens_per_layer[b][l]``: vision tokens of sample ``b`` entering decoder layer ``l``.
+    ``kept_positions[layer][b]``: original sequence positions of the vision tokens sample ``b`` kept
+    at that stage (summary tokens of a merger included, in their slots' positions);
+    ``summary_positions[layer][b]``: the slots that hold summary tokens (stages with a merger only).
+    ``output_positions``: (B, S) original position of every token the decoder returned (its output
+    is shorter than the input after a drop).
+    """
+
+    vision_tokens_per_layer: list[list[int]] = field(default_factory=list)
+    kept_positions: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    summary_positions: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    output_positions: Optional[torch.Tensor] = None
+    sequence_length: int = 0
+
+    def average_vision_tokens(self) -> list[float]:
+        """Per sample, the mean over layers of the vision tokens (the papers' token budget)."""
+        return [sum(row) / len(row) for row in self.vision_tokens_per_layer if row]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly copy."""
+        return {
+            "vision_tokens_per_layer": self.vision_tokens_per_layer,
+            "kept_positions": {str(k): [t.tolist() for t in v] for k, v in self.kept_positions.items()},
+            "summary_positions": {str(k): [t.tolist() for t in v] for k, v in self.summary_positions.items()},
+            "sequence_length": self.sequence_length,
+            "average_vision_tokens": self.average_vision_tokens(),
+        }
