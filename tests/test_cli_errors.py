@@ -32,7 +32,7 @@ def no_model_work(monkeypatch):
         raise AssertionError("a model was built before the arguments were checked")
 
     for name in ("_load_real", "_build_synthetic", "build_demo_model", "_generate_real"):
-        monkeypatch.setattr(tokencomp.runner, name, forbidden)
+        monkeypatch.setattr(tokencomp.runner, name, forbidden, raising=False)
 
 
 # Small sizes everywhere: were a check missing, the command would run quickly and fail the test.
@@ -47,9 +47,17 @@ def _usage_exit(argv, capsys) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def _main(argv) -> int:
+    """``main(argv)``; a KeyboardInterrupt escaping it fails the test instead of ending the session."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main()")
+
+
 def _error_exit(argv, capsys, code=2) -> str:
     """Run ``main(argv)``, expect ``code`` and exactly one stderr line; return it."""
-    assert main(argv) == code
+    assert _main(argv) == code
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -289,7 +297,7 @@ def test_ctrl_c_in_bench_keeps_measured_rounds(recipe, tmp_path, monkeypatch, ca
     # 3 variants a round; call 7 is the first run of round 2: round 1 (of 3) is complete.
     _interrupt_at(monkeypatch, 7)
     out = tmp_path / "b.json"
-    assert main(_bench_argv(recipe, out, 16)) == 130
+    assert _main(_bench_argv(recipe, out, 16)) == 130
     captured = capsys.readouterr()
     assert "PARTIAL: interrupted after 1 of 3 rounds" in captured.out
     assert "| recipe |" in captured.out  # --markdown rows of what was measured
@@ -308,7 +316,7 @@ def test_ctrl_c_in_second_count_keeps_the_first(recipe, tmp_path, monkeypatch, c
     # its measured round. Interrupting at 8 keeps count 16 whole and reports 32 as not measured.
     _interrupt_at(monkeypatch, 8)
     out = tmp_path / "b.json"
-    assert main(_bench_argv(recipe, out, 16, 32, repeat=1)) == 130
+    assert _main(_bench_argv(recipe, out, 16, 32, repeat=1)) == 130
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == f"interrupted; not measured: vision tokens 32; results so far written to {out}"
     (rep,) = json.loads(out.read_text())
@@ -318,7 +326,7 @@ def test_ctrl_c_in_second_count_keeps_the_first(recipe, tmp_path, monkeypatch, c
 def test_ctrl_c_in_warm_up_writes_nothing(recipe, tmp_path, monkeypatch, capsys):
     _interrupt_at(monkeypatch, 2)
     out = tmp_path / "b.json"
-    assert main(_bench_argv(recipe, out, 16)) == 130
+    assert _main(_bench_argv(recipe, out, 16)) == 130
     captured = capsys.readouterr()
     assert captured.err.strip().splitlines()[-1] == "interrupted; not measured: vision tokens 16"
     assert "Traceback" not in captured.err
