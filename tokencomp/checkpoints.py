@@ -216,8 +216,8 @@ def _tokenizer(family: str, vocab_size: int):
     tok.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in tok.all_special_tokens]},
                            replace_extra_special_tokens=False)
     ids = {s: tok.convert_tokens_to_ids(s) for s in specials}
-    if [ids[s] for s in specials] != list(range(len(specials))):  # pragma: no cover - tokenizers guarantees it
-        raise RuntimeError(f"special tokens got unexpected ids: {ids}")
+    # tokenizers assigns special tokens the first ids, in order; the configs rely on it.
+    assert [ids[s] for s in specials] == list(range(len(specials))), f"special tokens got unexpected ids: {ids}"
     return tok, specials
 
 
