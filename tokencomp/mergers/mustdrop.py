@@ -29,10 +29,6 @@ class WindowMerger(Merger):
     window: int = field(default=3, metadata={"min": 1})
     """Window side; the same as the ``mustdrop_window`` scorer's."""
 
-    def __post_init__(self):
-        if self.window < 1:
-            raise ValueError("window must be at least 1")
-
     def merge(self, view: LayerView, kept, dropped, summary):
         h = view.hidden
         B, S, _ = h.shape

@@ -28,10 +28,6 @@ class ToMeMerger(Merger):
     r: int = field(default=16, metadata={"min": 0})
     """Tokens merged per matching round; the same as the ``tome`` scorer's."""
 
-    def __post_init__(self):
-        if self.r < 0:
-            raise ValueError("r must be at least 0")
-
     def merge(self, view: LayerView, kept, dropped, summary):
         h = view.hidden
         B, S, D = h.shape
