@@ -154,8 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError)) as exc:
         if debug:
             raise
-        print(f"error: out of memory ({one_line(str(exc)) or type(exc).__name__}); try a smaller --batch or "
-              "fewer --vision-tokens, or --debug for the traceback", file=sys.stderr)
+        print(f"error: out of memory ({one_line(str(exc)) or type(exc).__name__}); try smaller inputs "
+              "(bench: --batch, --vision-tokens), or --debug for the traceback", file=sys.stderr)
         return 1
 
 
