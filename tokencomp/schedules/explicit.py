@@ -10,7 +10,7 @@ from tokencomp.interfaces import Schedule, Stage
 
 @dataclass(frozen=True)
 class ExplicitSchedule(Schedule):
-    """The stages listed in the recipe: ``{layer, keep[, scorer][, selector]}`` each."""
+    """The stages listed in the recipe: ``{layer | phase: input, keep[, scorer][, selector][, merge]}`` each."""
 
     name = "explicit"
 
