@@ -549,8 +549,8 @@ def test_negative_control_decode_mask_sees_filler_slots(monkeypatch):
     inputs = make_inputs(model, batch=3, image_sizes=RAGGED["qwen2_vl"])
     real = M.remap_decode_mask
 
-    def leaky(mask, idx, alive, *args):
-        return real(mask, idx, torch.ones_like(alive), *args)
+    def leaky(mask, idx, alive, *args, **kwargs):
+        return real(mask, idx, torch.ones_like(alive), *args, has_dead=False)
 
     monkeypatch.setattr(M, "remap_decode_mask", leaky)
     with pytest.raises(AssertionError):

@@ -18,10 +18,13 @@ META_ATTR = "_tokencomp_meta"
 
 @dataclass
 class LayerMeta:
-    """What a decode step needs to know about one compacted layer: kept original indices, live slots."""
+    """What a decode step needs to know about the compacted layers of one stage: kept original
+    indices, live slots, and whether any slot is dead (known at the prefill: no host sync per step).
+    All layers of a stage share one object."""
 
     idx: torch.Tensor
     alive: torch.Tensor
+    has_dead: bool
 
 
 @dataclass
@@ -33,7 +36,7 @@ class CacheMeta:
     layers: dict[int, LayerMeta]
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
-        for meta in self.layers.values():
+        for meta in {id(m): m for m in self.layers.values()}.values():  # once per stage
             meta.idx = meta.idx.index_select(0, beam_idx.to(meta.idx.device))
             meta.alive = meta.alive.index_select(0, beam_idx.to(meta.alive.device))
 
@@ -103,25 +106,33 @@ def attach(cache, meta: CacheMeta) -> None:
 
 class Decode:
     """One decode step on a compacted cache: each compacted layer attends to its own kept prefix
-    plus the tokens added since, so its mask columns are picked from the model's full-length mask."""
+    plus the tokens added since, so its mask columns are picked from the model's full-length mask.
+    The mask is built once per stage per step (the layers of a stage share it) and without host
+    synchronisation."""
 
     mode = "decode"
 
     def __init__(self, meta: CacheMeta, kind: str):
         self.cache_meta = meta
         self.kind = kind
+        self._masks: dict[int, Optional[torch.Tensor]] = {}  # id(LayerMeta) -> this step's mask
 
     def layer(self, i: int, module, args, kwargs):
         meta = self.cache_meta.layers.get(i)
         if meta is None:
             return None
-        hidden = args[0] if args else kwargs["hidden_states"]
-        q_len = hidden.shape[1]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        prefill_len = self.cache_meta.prefill_len
-        kv_len = cache.layers[i].get_seq_length() - meta.idx.shape[1] + prefill_len + q_len
         mask = kwargs.get("attention_mask")
-        new = M.remap_decode_mask(mask, meta.idx, meta.alive, prefill_len, kv_len, q_len, self.kind, hidden.dtype)
+        key = id(meta)
+        if key not in self._masks:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            q_len = hidden.shape[1]
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            prefill_len = self.cache_meta.prefill_len
+            kv_len = cache.layers[i].get_seq_length() - meta.idx.shape[1] + prefill_len + q_len
+            self._masks[key] = M.remap_decode_mask(
+                mask, meta.idx, meta.alive, prefill_len, kv_len, q_len, self.kind, hidden.dtype, has_dead=meta.has_dead
+            )
+        new = self._masks[key]
         if new is mask:
             return None
         kwargs = dict(kwargs)

@@ -75,7 +75,12 @@ def causal_mask(kind: str, q_len: int, kv_len: int, batch: int, dtype: torch.dty
 
 
 def gather_prefill_mask(
-    mask: Optional[torch.Tensor], idx: torch.Tensor, alive: torch.Tensor, kind: str, dtype: torch.dtype
+    mask: Optional[torch.Tensor],
+    idx: torch.Tensor,
+    alive: torch.Tensor,
+    kind: str,
+    dtype: torch.dtype,
+    has_dead: Optional[bool] = None,
 ) -> Optional[torch.Tensor]:
     """The prefill mask of the compacted sequence: rows and columns of the full mask at ``idx``.
 
@@ -83,7 +88,8 @@ def gather_prefill_mask(
     tokens' original indices, ascending; ``alive`` (B, S) is False on filler slots.
     """
     B, S = idx.shape
-    has_dead = not bool(alive.all())
+    if has_dead is None:
+        has_dead = not bool(alive.all())
     if mask is None:
         if not has_dead:
             return None  # still causal and rectangular: the kernel's is_causal path stays valid
@@ -112,21 +118,23 @@ def remap_decode_mask(
     q_len: int,
     kind: str,
     dtype: torch.dtype,
+    has_dead: Optional[bool] = None,
 ) -> Optional[torch.Tensor]:
     """The mask for one layer of a decode step after a compacted prefill.
 
-    The model sizes its mask from cache layer 0, which holds the full ``prefill_len`` prefix plus the
-    ``kv_len - prefill_len`` tokens added since; this layer's cache holds the ``idx`` (B, K) tokens of
-    the prefix instead, then the same new tokens. Columns are picked accordingly.
+    The model sizes its mask from the cache's logical length: the full ``prefill_len`` prefix plus
+    the ``kv_len - prefill_len`` tokens added since; this layer's cache holds the ``idx`` (B, K)
+    tokens of the prefix instead, then the same new tokens. Columns are picked accordingly.
+    ``has_dead`` (whether ``alive`` has a False) may be given to save a host synchronisation.
     """
+    if has_dead is None:
+        has_dead = not bool(alive.all())
+    if mask is None and not has_dead:
+        return None  # causal, no padding, no filler: the kernel's own path stays valid
     B = idx.shape[0]
     tail = torch.arange(prefill_len, kv_len, device=idx.device).expand(B, -1)
     cols = torch.cat([idx, tail], dim=1)
-    has_dead = not bool(alive.all())
-    dead = torch.cat([~alive, torch.zeros_like(tail, dtype=torch.bool)], dim=1)
     if mask is None:
-        if not has_dead:
-            return None
         mask = causal_mask(kind, q_len, cols.shape[1], B, dtype, idx.device)
     elif mask.ndim == 2:
         mask = gather_seq(mask, cols, 1)
@@ -136,6 +144,7 @@ def remap_decode_mask(
         raise UnsupportedModelError(f"unsupported attention mask of shape {tuple(mask.shape)} (expected 2-D or 4-D)")
     if not has_dead:
         return mask
+    dead = torch.cat([~alive, torch.zeros_like(tail, dtype=torch.bool)], dim=1)
     if mask.ndim == 2:
         return mask & ~dead if mask.dtype == torch.bool else mask * (~dead).to(mask.dtype)
     return _hide_dead(mask, dead, None)

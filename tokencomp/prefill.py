@@ -55,6 +55,7 @@ class Prefill:
         self.slots: dict = {}  # layer -> per-sample summary-token positions
         self.cache: Any = None
         self.cache_meta: Optional[CacheMeta] = None
+        self._layer_meta: Optional[LayerMeta] = None  # shared by the compacted layers of the last stage
 
     # ------------------------------------------------------------------ hooks' entry points
 
@@ -79,7 +80,7 @@ class Prefill:
             kwargs = dict(kwargs)
             kwargs.update(self.cur)
             if self.cache_meta is not None:
-                self.cache_meta.layers[i] = LayerMeta(self.idx, self.alive)
+                self.cache_meta.layers[i] = self._layer_meta
         nxt = h.stage_at.get(i + 1)
         if nxt is not None:
             if nxt.scorer.needs_prev_hidden:
@@ -240,13 +241,12 @@ class Prefill:
         rank = torch.where(cand, scores.float(), torch.full_like(scores, -1e30, dtype=torch.float32))
         order, self.alive = compact(stay, is_vision_cur & ~stay, rank)
         self.idx = idx.gather(1, order)
+        self._layer_meta = LayerMeta(self.idx, self.alive, has_dead=not bool(self.alive.all()))
         hidden = M.gather_seq(hidden, order, 1)
         self.counts[stage.layer] = kept.sum(1) + pinned.sum(1)
-        self.kept[stage.layer] = [
-            self.idx[b][self.alive[b] & self.is_vision[b].gather(0, self.idx[b])] for b in range(B)
-        ]
+        self.kept[stage.layer] = _rows(self.idx, self.alive & self.is_vision.gather(1, self.idx))
         if slots is not None:
-            self.slots[stage.layer] = [idx[b][slots[b]] for b in range(B)]
+            self.slots[stage.layer] = _rows(idx, slots)
         self._regather(hidden.dtype)
         if self.cache is not None:
             meta = meta_of(self.cache)
@@ -270,12 +270,19 @@ class Prefill:
         full, idx, kind = self.full, self.idx, self.handle.kind
         cos, sin = full["position_embeddings"]
         self.cur = {
-            "attention_mask": M.gather_prefill_mask(full["attention_mask"], idx, self.alive, kind, dtype),
+            "attention_mask": M.gather_prefill_mask(
+                full["attention_mask"], idx, self.alive, kind, dtype, has_dead=self._layer_meta.has_dead
+            ),
             "position_embeddings": (M.gather_seq(cos, idx, 1), M.gather_seq(sin, idx, 1)),
             # FlashAttention reads gapped position ids as packed sequences when B == 1; RoPE is
             # already in position_embeddings, so flash layers get none after a drop.
             "position_ids": None if kind == M.FLASH else M.gather_positions(full["position_ids"], idx),
         }
+
+
+def _rows(values: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per row, ``values[b][mask[b]]``, with two host synchronisations whatever the batch size."""
+    return list(torch.split(values[mask], mask.sum(1).tolist()))
 
 
 # ---------------------------------------------------------------------- plugin contracts
