@@ -113,7 +113,7 @@ class Prefill:
             cur = self.counts.get(i, cur)
             per_layer.append(cur)
         table = torch.stack(per_layer, dim=1).tolist() if per_layer else [[] for _ in range(B)]
-        out_pos = self.idx if self.idx is not None else torch.arange(self.length).expand(B, -1)
+        out_pos = self.idx if self.idx is not None else torch.arange(self.length, device=self.is_vision.device).expand(B, -1)
         return Stats(table, dict(self.kept), dict(self.slots), out_pos, self.length)
 
     # ------------------------------------------------------------------ the view plugins see

@@ -91,7 +91,7 @@ class LlavaOnevisionAdapter(LlavaAdapter):
                 if tok == self._video_id:
                     # frames x ft pooled tokens, then one newline that joins the last frame
                     frames = max(1, (end - pos - 1) // ft)
-                    k = torch.arange(end - pos)
+                    k = torch.arange(end - pos, device=out.device)
                     out[b, pos:end] = group + torch.clamp(k // ft, max=frames - 1)
                     group += frames
                 else:
