@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tokencomp
-from tokencomp.bench import bench, format_markdown_row, format_report
+from tokencomp.bench import MARKDOWN_HEADER, bench, format_markdown_row, format_report
 from tokencomp.flops import DecoderShape, decode_flops, kv_cache_bytes, layer_flops, prefill_flops
 from tokencomp.testing import build_synthetic, build_tiny
 
@@ -45,17 +45,26 @@ def test_schedule_flops_and_kv_bytes():
     assert (s.hidden, s.heads, s.kv_heads, s.head_dim, s.layers) == (64, 4, 2, 16, 6)
 
 
+SMALL = "llava-1.5-7b:layers=6,hidden=64,heads=4,kv_heads=2,intermediate=128"
+V2DROP = {"scorer": "v2drop", "schedule": {"stages": [{"layer": 2, "keep": 0.5}, {"layer": 4, "keep": 0.0}]}}
+FASTV = {"scorer": "fastv", "schedule": {"stages": [{"layer": 2, "keep": 0.5}]}}
+
+
 def test_bench_output_is_well_formed():
-    model = build_synthetic("llava-1.5-7b:layers=6,hidden=64,heads=4,kv_heads=2,intermediate=128")
-    recipe = {"scorer": "v2drop", "schedule": {"stages": [{"layer": 2, "keep": 0.5}, {"layer": 4, "keep": 0.0}]}}
-    rep = bench(model, recipe, vision_tokens=40, text_tokens=10, new_tokens=2, repeat=2, progress=False)
+    model = build_synthetic(SMALL)
+    rep = bench(model, V2DROP, vision_tokens=40, text_tokens=10, new_tokens=2, repeat=2, progress=False)
     json.dumps(rep)  # serialisable
     assert rep["vision_tokens_per_layer"] == [40, 40, 20, 20, 0, 0]
     assert math.isclose(rep["average_vision_tokens"], 120 / 6)
     m = rep["metrics"]
     for key in ("prefill_s", "decode_tokens_per_s", "generate_s", "kv_cache_bytes", "prefill_flops", "decode_flops"):
         assert m[key]["baseline"] > 0 and m[key]["compressed"] > 0, key
+    for key in ("kv_cache_bytes", "prefill_flops", "decode_flops", "peak_memory_bytes"):
         assert math.isclose(m[key]["ratio"], m[key]["compressed"] / m[key]["baseline"])
+    for key in ("prefill_s", "decode_tokens_per_s", "generate_s"):  # timed: paired-round ratio and its interval
+        row = m[key]
+        assert row["ci"][0] <= row["ratio"] <= row["ci"][1], key
+        assert 0 < row["ci_level"] < 1 and row["min_based"] > 0
     shape = DecoderShape.from_config(model.config)
     assert m["prefill_flops"]["compressed"] == prefill_flops(shape, [50, 50, 30, 30, 10, 10])
     # The measured KV cache is exactly the analytic one (fp32 keys and values, kept tokens per layer).
@@ -63,9 +72,153 @@ def test_bench_output_is_well_formed():
     assert m["kv_cache_bytes"]["baseline"] == rep["kv_cache_bytes_analytic"]["baseline"]
     assert 0 <= rep["overhead_share"] < 1
     assert math.isclose(rep["prefill_efficiency"], m["prefill_s"]["ratio"] / rep["flop_ratio"])
+    # Variants: v2drop has no attention scorer, so no peer; the limit is fed the recipe's tokens.
+    assert set(rep["variants"]) == {"untouched", "hooks", "recipe", "limit"} and rep["peer"] is None
+    for name, v in rep["variants"].items():
+        assert v["prefill_s"]["n"] == 2 and v["prefill_s"]["min"] <= v["prefill_s"]["median"] <= v["prefill_s"]["max"], name
+        assert v["peak_memory_bytes"] is not None and v["kv_cache_bytes"] > 0, name
+    assert rep["variants"]["limit"]["kv_cache_bytes"] == m["kv_cache_bytes"]["compressed"]
+    for key in ("recipe/untouched", "hooks/untouched", "limit/untouched", "recipe/limit"):
+        assert {"prefill", "decode"} <= set(rep["ratios"][key]), key
+    assert rep["limit"]["prefill_ratio"] == rep["ratios"]["limit/untouched"]["prefill"]["median"]
+    assert any("only 2 measured round" in w for w in rep["warnings"])
     text = format_report(rep)
-    assert "efficiency" in text and "prefill_s" in text
-    assert format_markdown_row(rep).count("|") == 13
+    assert "efficiency" in text and "prefill_s" in text and "physical limit" in text
+    assert format_markdown_row(rep).count("|") == MARKDOWN_HEADER.splitlines()[0].count("|")
+
+
+def test_timed_rounds_run_no_memory_sampler(monkeypatch):
+    """Time and memory in separate passes: the clock never runs while a sampler does, and every
+    variant gets exactly one memory pass."""
+    import tokencomp.bench as tb
+
+    state = {"active": False, "passes": 0, "clock": 0}
+
+    class FakeSampler:
+        def __init__(self, device):
+            self.peak = 1
+
+        def __enter__(self):
+            state["active"] = True
+            state["passes"] += 1
+            return self
+
+        def __exit__(self, *exc):
+            state["active"] = False
+
+    real_now = tb._now
+
+    def now():
+        assert not state["active"], "timed while the memory sampler ran"
+        state["clock"] += 1
+        return real_now()
+
+    monkeypatch.setattr(tb, "PeakMemory", FakeSampler)
+    monkeypatch.setattr(tb, "_now", now)
+    model = build_synthetic("llava-1.5-7b:layers=4,hidden=64,heads=4,kv_heads=2,intermediate=128")
+    rep = bench(model, FASTV, vision_tokens=12, text_tokens=4, new_tokens=1, repeat=2, progress=False)
+    assert set(rep["variants"]) == {"untouched", "hooks", "recipe", "peer", "limit"}
+    assert state["passes"] == 5  # one memory pass per variant, none in the timed rounds
+    assert state["clock"] > 0
+    assert all(v["peak_memory_bytes"] == 1 for v in rep["variants"].values())
+
+
+def test_limit_is_fed_the_recipes_tokens():
+    """The limit variant's layers see exactly the recipe's per-layer token counts, and compute the
+    same thing: its last-token logits equal the compressed model's."""
+    import tokencomp.bench as tb
+
+    model = build_synthetic(SMALL)
+    rep = bench(model, V2DROP, vision_tokens=20, text_tokens=6, new_tokens=1, repeat=1, progress=False)
+    assert rep["limit"]["tokens_per_layer"] == rep["tokens_per_layer"] == [26, 26, 16, 16, 6, 6]
+    assert rep["variants"]["limit"]["tokens_per_layer"] == rep["tokens_per_layer"]
+
+    for recipe in (V2DROP, FASTV, "{schedule: {stages: [{phase: input, keep: 0.5, scorer: uniform}, {layer: 3, keep: 0.5}]}}"):
+        embeds, mask, vision = tb.make_bench_inputs(model, 20, 6, 2, model.config.image_token_id)
+        s = tb._Setup(model, embeds, mask, vision, 2, embeds.device, 5)
+        rotary, decode_rotary = tb._capture_rotary(s)
+        with tokencomp.apply(model, recipe) as handle, torch.no_grad(), handle.vision_mask(vision):
+            want = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1).logits
+            stats = handle.stats
+        plan = tb.limit_plan(s, stats, rotary, decode_rotary, "sdpa")
+        seen = []
+        with torch.no_grad():
+            got, cache = tb.limit_prefill(model, embeds, plan, record=seen)
+            tb.limit_decode(model, cache, plan, 2, 5, 2)
+        n_text = 6
+        assert seen == [n_text + c for c in stats.vision_tokens_per_layer[0]] == plan.tokens_per_layer
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert [l.keys.shape[2] for l in cache.layers] == [n + 2 for n in seen]
+
+
+@pytest.mark.parametrize("scorer", ["fastv", "pdrop", "sparsevlm"])
+def test_peer_keeps_the_same_tokens_as_the_probes(scorer):
+    """The peer variant (full eager attention matrix, as the original code) ranks exactly as
+    tokencomp's q/k probes: same kept set; at the probed layer it really ran eager and returned
+    the full (B, H, S, S) matrix."""
+    import tokencomp.bench as tb
+
+    model = build_synthetic("llava-1.5-7b:layers=4,hidden=64,heads=8,kv_heads=4,intermediate=128")
+    recipe = tokencomp.load_recipe({"scorer": scorer, "schedule": {"stages": [{"layer": 1, "keep": 0.5}, {"layer": 3, "keep": 0.25}]}})
+    embeds, mask, vision = tb.make_bench_inputs(model, 24, 8, 2, model.config.image_token_id)
+    s = tb._Setup(model, embeds, mask, vision, 1, embeds.device, 5)
+    ours = tb._HFRunner("recipe", recipe)
+    ours.memory(s, tb.Variant("recipe"))
+    full = tb._FullMatrix(set())
+    shapes = {}
+    real = full._wrap
+
+    def spy(attn, original, p):
+        inner = real(attn, original, p)
+
+        def forward(*a, **kw):
+            out = inner(*a, **kw)
+            shapes[p] = tuple(out[1].shape) if out[1] is not None else None
+            return out
+
+        return forward
+
+    full._wrap = spy
+    peer = tb._HFRunner("peer", tb._peer_recipe(recipe, 4, full), before=full)
+    peer.memory(s, tb.Variant("peer"))
+    for layer in (1, 3):
+        for b in range(2):
+            assert torch.equal(peer.stats.kept_positions[layer][b], ours.stats.kept_positions[layer][b]), (layer, b)
+    if scorer != "pdrop":  # attention at the previous layer: it ran eager, full matrix, all heads
+        assert full.probe_layers == {0, 2}
+        assert shapes[0] == (2, 8, 32, 32) and shapes[2][:2] == (2, 8) and shapes[2][2] == shapes[2][3] == 8 + 12
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert "forward" not in vars(tb._decoder_layers(model)[0].self_attn)  # wrappers removed
+
+
+def test_input_stage_is_counted_from_layer_0():
+    """An input stage (before layer 0): every layer, layer 0 included, runs on the kept tokens, in the
+    FLOP count and in what the layers (and the limit) see."""
+    model = build_synthetic(SMALL)
+    rep = bench(model, "{schedule: {stages: [{phase: input, keep: 0.25, scorer: uniform}]}}",
+                vision_tokens=40, text_tokens=10, new_tokens=1, repeat=1, progress=False)
+    assert rep["vision_tokens_per_layer"] == [10] * 6
+    assert rep["limit"]["tokens_per_layer"] == [20] * 6
+    shape = DecoderShape.from_config(model.config)
+    assert rep["metrics"]["prefill_flops"]["compressed"] == prefill_flops(shape, [20] * 6)
+    assert rep["flop_ratio"] == prefill_flops(shape, [20] * 6) / prefill_flops(shape, [50] * 6)
+
+
+def test_median_interval_and_paired_ratio():
+    from tokencomp.bench import median_interval, paired_ratio
+
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0, 0.75)
+    lo, hi, level = median_interval(list(range(1, 11)))
+    assert (lo, hi) == (2, 9) and level >= 0.9
+    r = paired_ratio([2.0, 4.0, 3.0], [1.0, 2.0, 2.0])
+    assert r["median"] == 2.0 and r["ci"] == [1.5, 2.0] and r["min_based"] == 2.0 and r["n"] == 3
+
+
+def test_progress_is_quiet_without_a_tty(capsys):
+    model = build_synthetic("llava-1.5-7b:layers=4,hidden=64,heads=4,kv_heads=2,intermediate=128")
+    bench(model, V2DROP | {"schedule": {"stages": [{"layer": 2, "keep": 0.5}]}}, vision_tokens=8, text_tokens=2,
+          new_tokens=0, repeat=1, progress=True, limit=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_bench_cli_json(tmp_path, capsys):
@@ -104,7 +257,7 @@ def test_bench_interrupted_carries_the_complete_rounds(monkeypatch):
     """Ctrl-C in round 3 of 3: a KeyboardInterrupt whose report holds rounds 1-2 only."""
     import tokencomp.bench as tb
 
-    real, calls = tb._run, []
+    real, calls = tb._HFRunner.timed, []
 
     def run(*args, **kwargs):
         calls.append(1)
@@ -112,11 +265,11 @@ def test_bench_interrupted_carries_the_complete_rounds(monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tb, "_run", run)
+    monkeypatch.setattr(tb._HFRunner, "timed", run)
     model = build_synthetic("llava-1.5-7b:layers=4,hidden=64,heads=4,kv_heads=2,intermediate=128")
     recipe = {"scorer": "v2drop", "schedule": {"stages": [{"layer": 2, "keep": 0.5}]}}
     with pytest.raises(KeyboardInterrupt) as info:
-        bench(model, recipe, vision_tokens=8, text_tokens=2, new_tokens=1, repeat=3, progress=False)
+        bench(model, recipe, vision_tokens=8, text_tokens=2, new_tokens=1, repeat=3, progress=False, limit=False)
     assert isinstance(info.value, tb.BenchInterrupted)
     rep = info.value.report
     json.dumps(rep)

@@ -1,26 +1,48 @@
 """Side-by-side measurement of an untouched model and the same model with a recipe applied.
 
-Everything is timed in one process, interleaved and repeated: the untouched model, the recipe's
-stages with keep = 1 (hook overhead alone), and the recipe. Reported as ratios to the untouched
-model, next to the analytic FLOP ratio of the measured token schedule (see :mod:`tokencomp.flops`).
+Variants, timed in one process, interleaved round by round (round 0 is a discarded warm-up):
+
+* ``untouched``: the model as loaded;
+* ``hooks``: the recipe's stages with keep = 1 (the cost of the hooks and scoring alone);
+* ``recipe``: the recipe, as tokencomp runs it;
+* ``limit``: the *physical limit* of any in-LLM method with the recipe's token schedule: the decoder
+  layers called directly, no hooks, each fed exactly the tokens the recipe kept before it (one
+  gather per stage, nothing else; see :func:`limit_prefill`);
+* ``peer`` (attention scorers only): the recipe's scorer fed the way the original implementations
+  do it — eager attention materialising the full ``(B, H, S, S)`` attention matrix at the probed
+  layer (``output_attentions``-style) — instead of tokencomp's q/k probes.
+
+Time and memory are measured in **separate passes**: the timed rounds run nothing but the model
+(no memory sampler), and one extra untimed pass per variant measures peak memory (on CPU a sampler
+thread polls the heap, which slows what it watches, so it never runs while a clock does). Times are
+reported as medians with a distribution-free interval of the paired per-round ratios, a min-based
+estimate and a noise figure; ratios whose interval is wide are flagged in ``warnings``.
+
 Only the language model is timed: inputs are embeddings with an explicit vision mask, so the vision
-tower (identical in both) does not dilute the ratios.
+tower (identical in every variant) does not dilute the ratios. FLOP ratios come from
+:mod:`tokencomp.flops` for the token schedule actually measured.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from .errors import UsageError
 from .flops import DecoderShape, decode_flops, kv_cache_bytes, prefill_flops
+
+NOISE_LIMIT = 0.10
+"""A ratio whose interval is wider than this fraction of it is flagged in ``warnings``."""
+
+TIME_SERIES = ("prefill_s", "decode_s", "generate_s")
 
 
 class BenchInterrupted(KeyboardInterrupt):
@@ -103,21 +125,104 @@ class PeakMemory:
             self.peak = max(self._max, _malloc_in_use()) - self._start
 
 
+def _now() -> float:
+    """The benchmark's clock (a function of its own so tests can watch when timing happens)."""
+    return time.perf_counter()
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+# ---------------------------------------------------------------------- statistics
+
+
+def summarize(values: list) -> dict[str, float]:
+    """Median, min, max and noise ((max − min) ÷ median) of repeated measurements."""
+    if not values:
+        nan = float("nan")
+        return {"n": 0, "median": nan, "min": nan, "max": nan, "noise": nan}
+    med = statistics.median(values)
+    return {
+        "n": len(values),
+        "median": med,
+        "min": min(values),
+        "max": max(values),
+        "noise": (max(values) - min(values)) / med if med else float("nan"),
+    }
+
+
+def median_interval(values: list) -> tuple[float, float, float]:
+    """Distribution-free interval for the median of ``values``: ``(low, high, confidence)``.
+
+    The order statistics ``x_(k) .. x_(n+1-k)`` cover the true median with probability
+    ``1 − 2·P(Binomial(n, ½) < k)``; ``k`` is the largest with confidence ≥ 90%, or 1 (the full
+    range) when ``n`` is too small for that (n = 3: 75%, n = 4: 87.5%, n = 5: 93.8%).
+    """
+    x = sorted(values)
+    n = len(x)
+    if n == 0:
+        return float("nan"), float("nan"), 0.0
+    if n == 1:
+        return x[0], x[0], 0.0
+
+    def level(k):
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and level(k + 1) >= 0.90:
+        k += 1
+    return x[k - 1], x[n - k], level(k)
+
+
+def paired_ratio(num: list, den: list) -> dict[str, Any]:
+    """Ratio ``num ÷ den`` of two variants' times measured in the same rounds.
+
+    ``median``: median of the per-round ratios (each round times both variants back to back, so
+    slow phases of a shared machine cancel); ``ci``: its distribution-free interval
+    (:func:`median_interval`); ``min_based``: ``min(num) ÷ min(den)``, the estimate least
+    disturbed by other load; ``of_medians``: ratio of the two medians.
+    """
+    n = min(len(num), len(den))
+    rounds = [a / b for a, b in zip(num[:n], den[:n]) if b]
+    if not rounds:
+        nan = float("nan")
+        return {"median": nan, "ci": [nan, nan], "ci_level": 0.0, "min_based": nan, "of_medians": nan, "n": 0}
+    lo, hi, conf = median_interval(rounds)
+    return {
+        "median": statistics.median(rounds),
+        "ci": [lo, hi],
+        "ci_level": conf,
+        "min_based": min(num[:n]) / min(den[:n]),
+        "of_medians": statistics.median(num[:n]) / statistics.median(den[:n]),
+        "n": len(rounds),
+    }
+
+
+def _invert(r: dict) -> dict:
+    """A time ratio as a rate ratio (tokens per second): every estimate inverted."""
+    inv = lambda x: 1 / x if x else float("nan")  # noqa: E731
+    out = dict(r)
+    for key in ("median", "min_based", "of_medians"):
+        out[key] = inv(r[key])
+    out["ci"] = [inv(r["ci"][1]), inv(r["ci"][0])]
+    return out
+
+
+# ---------------------------------------------------------------------- one variant
+
+
 @dataclass
 class Variant:
-    """Measurements of one variant (untouched, hooks only, or the recipe) over the repeats."""
+    """Measurements of one variant over the repeats (timed pass) and its memory pass."""
 
     name: str
     prefill_s: list = field(default_factory=list)
     generate_s: list = field(default_factory=list)
     decode_s: list = field(default_factory=list)
-    peak_bytes: list = field(default_factory=list)
     overhead_s: list = field(default_factory=list)
+    peak_bytes: Optional[int] = None
     kv_bytes: int = 0
     tokens_per_layer: list = field(default_factory=list)
 
@@ -127,9 +232,11 @@ class Variant:
 
     def spread(self, name: str) -> float:
         """(max − min) / median: how noisy the repeats were."""
-        values = getattr(self, name)
-        med = self.median(name)
-        return (max(values) - min(values)) / med if values and med else float("nan")
+        return summarize(getattr(self, name))["noise"]
+
+    def truncate(self, rounds: int) -> None:
+        for name in TIME_SERIES + ("overhead_s",):
+            setattr(self, name, getattr(self, name)[:rounds])
 
 
 def make_bench_inputs(model, vision_tokens: int, text_tokens: int, batch: int, vision_id: int, seed: int = 0):
@@ -147,53 +254,6 @@ def make_bench_inputs(model, vision_tokens: int, text_tokens: int, batch: int, v
     return embeds, torch.ones_like(ids), ids == vision_id
 
 
-def _run(model, handle, embeds, mask, vision, new_tokens, v: Variant, device, decode_id: int):
-    ctx = handle.vision_mask(vision) if handle is not None else _null()
-    with torch.no_grad(), ctx:
-        if handle is not None:
-            handle.overhead_s = 0.0
-        _sync(device)
-        with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
-            out = model(inputs_embeds=embeds, attention_mask=mask, use_cache=True, logits_to_keep=1)
-            _sync(device)
-            v.prefill_s.append(time.perf_counter() - t0)
-        v.peak_bytes.append(mem.peak)
-        if handle is not None:
-            v.overhead_s.append(handle.overhead_s)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        v.kv_bytes = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "keys", None) is not None)
-        if new_tokens > 0:
-            # Decode measured on its own: single-token steps on the prefill's cache. The token fed is
-            # fixed (a text id): which token it is does not change the cost, and a random model's
-            # argmax could be a vision placeholder.
-            ids = torch.full((mask.shape[0], 1), decode_id, dtype=torch.long, device=mask.device)
-            am = mask
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                # Explicit positions: Qwen models otherwise derive them from state a previous
-                # generate() left on the model (rope_deltas).
-                pos = torch.full_like(ids, am.shape[1])
-                am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
-                model(input_ids=ids, attention_mask=am, position_ids=pos, cache=cache, use_cache=True)
-            _sync(device)
-            v.decode_s.append(time.perf_counter() - t0)
-        del out, cache
-        if new_tokens > 0:
-            _sync(device)
-            t0 = time.perf_counter()
-            model.generate(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-            )
-            _sync(device)
-            v.generate_s.append(time.perf_counter() - t0)
-
-
 class _null:
     def __enter__(self):
         return self
@@ -202,14 +262,434 @@ class _null:
         return None
 
 
+def _cache_bytes(cache) -> int:
+    return sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if getattr(l, "keys", None) is not None)
+
+
+@dataclass
+class _Setup:
+    """What every variant's run needs (the inputs and the fixed decode token)."""
+
+    model: Any
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    vision: torch.Tensor
+    new_tokens: int
+    device: torch.device
+    decode_id: int
+
+
+def _hf_prefill(s: _Setup, handle):
+    ctx = handle.vision_mask(s.vision) if handle is not None else _null()
+    with ctx:
+        out = s.model(inputs_embeds=s.embeds, attention_mask=s.mask, use_cache=True, logits_to_keep=1)
+    return getattr(out, "cache", None) or out.past_key_values
+
+
+def _hf_decode(s: _Setup, cache) -> None:
+    # Single-token steps on the prefill's cache. The token fed is fixed (a text id): which token it
+    # is does not change the cost, and a random model's argmax could be a vision placeholder.
+    ids = torch.full((s.mask.shape[0], 1), s.decode_id, dtype=torch.long, device=s.mask.device)
+    am = s.mask
+    for _ in range(s.new_tokens):
+        # Explicit positions: Qwen models otherwise derive them from state a previous generate()
+        # left on the model (rope_deltas).
+        pos = torch.full_like(ids, am.shape[1])
+        am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
+        s.model(input_ids=ids, attention_mask=am, position_ids=pos, cache=cache, use_cache=True)
+
+
+class _HFRunner:
+    """A variant that runs the model's own forward (untouched, or with a recipe applied)."""
+
+    def __init__(self, name: str, recipe=None, generate: bool = True, before: Optional[Callable] = None):
+        self.name, self.recipe, self.generate, self.before = name, recipe, generate, before
+        self.stats = None
+
+    def _apply(self, s: _Setup):
+        import tokencomp
+
+        undo = self.before(s.model) if self.before is not None else None
+        try:
+            handle = tokencomp.apply(s.model, self.recipe) if self.recipe is not None else None
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
+        if handle is not None:
+            handle.profile = True
+            handle.overhead_s = 0.0
+            if self.before is not None:
+                self.before.handle = handle
+        return handle, undo
+
+    def timed(self, s: _Setup, v: Variant) -> None:
+        handle, undo = self._apply(s)
+        try:
+            with torch.no_grad():
+                _sync(s.device)
+                t0 = _now()
+                cache = _hf_prefill(s, handle)
+                _sync(s.device)
+                v.prefill_s.append(_now() - t0)
+                if handle is not None:
+                    v.overhead_s.append(handle.overhead_s)
+                if s.new_tokens > 0:
+                    _sync(s.device)
+                    t0 = _now()
+                    _hf_decode(s, cache)
+                    _sync(s.device)
+                    v.decode_s.append(_now() - t0)
+                del cache
+                if s.new_tokens > 0 and self.generate:
+                    ctx = handle.vision_mask(s.vision) if handle is not None else _null()
+                    _sync(s.device)
+                    t0 = _now()
+                    with ctx:
+                        s.model.generate(inputs_embeds=s.embeds, attention_mask=s.mask, max_new_tokens=s.new_tokens,
+                                         min_new_tokens=s.new_tokens, do_sample=False)
+                    _sync(s.device)
+                    v.generate_s.append(_now() - t0)
+        finally:
+            if handle is not None:
+                handle.remove()
+            if undo is not None:
+                undo()
+
+    def memory(self, s: _Setup, v: Variant) -> None:
+        handle, undo = self._apply(s)
+        try:
+            with torch.no_grad():
+                with PeakMemory(s.device) as mem:
+                    cache = _hf_prefill(s, handle)
+                v.peak_bytes = mem.peak
+                v.kv_bytes = _cache_bytes(cache)
+                L, n_vis = s.embeds.shape[1], int(s.vision[0].sum())
+                if handle is not None:
+                    self.stats = handle.stats
+                    v.tokens_per_layer = [L - n_vis + c for c in handle.stats.vision_tokens_per_layer[0]]
+                else:
+                    v.tokens_per_layer = [L] * len(_decoder_layers(s.model))
+                del cache
+        finally:
+            if handle is not None:
+                handle.remove()
+            if undo is not None:
+                undo()
+
+
+# ---------------------------------------------------------------------- the physical limit
+
+
+def _decoder(model):
+    from .plugins import registry
+
+    return registry().adapter_for(model).language_model(model)
+
+
+def _decoder_layers(model) -> list:
+    return list(_decoder(model).layers)
+
+
+@dataclass
+class LimitPlan:
+    """The recipe's token schedule, ready to feed to the bare decoder layers.
+
+    ``gathers[l]``: ``(B, n)`` indices, into the tokens entering layer ``l − 1``, of the tokens that
+    enter layer ``l`` (only at the recipe's stage layers); ``rotary[l]``: the rotary tables of those
+    tokens (their original positions); ``tokens_per_layer``: tokens entering each layer (sample 0).
+    """
+
+    gathers: dict
+    rotary: dict
+    masks: dict
+    tokens_per_layer: list
+    decode_rotary: list
+
+
+def _capture_rotary(s: _Setup) -> tuple:
+    """The rotary tables the untouched model hands layer 0 in the prefill and each decode step.
+
+    Computed once, outside every timing (they cost O(L·d), identical for all variants): a
+    temporary hook on layer 0 records them while the untouched model runs."""
+    layer0 = _decoder_layers(s.model)[0]
+    seen = []
+    hook = layer0.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("position_embeddings")), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            cache = _hf_prefill(s, None)
+            _hf_decode(s, cache)
+    finally:
+        hook.remove()
+    return seen[0], seen[1:]
+
+
+def _causal_additive(n: int, dtype, device) -> torch.Tensor:
+    m = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
+    return m[None, None]
+
+
+def limit_plan(s: _Setup, stats, rotary: tuple, decode_rotary: list, attn_impl: str) -> LimitPlan:
+    """Turn a compressed prefill's ``stats`` (which vision tokens each stage kept) into a :class:`LimitPlan`.
+
+    Text tokens always stay; at each stage layer the kept vision tokens (summary slots of a merger
+    included) join them, in their original order. A batch whose samples kept different numbers of
+    tokens cannot be fed without padding and is refused (``UsageError``)."""
+    from . import masks as M
+
+    B, L = s.vision.shape
+    num_layers = len(_decoder_layers(s.model))
+    pos = torch.arange(L, device=s.vision.device)
+    prev = pos.expand(B, L)
+    cos, sin = rotary
+    gathers, rot, masks = {}, {}, {}
+    eager = (attn_impl or "eager") == "eager"
+    if eager:
+        masks[0] = _causal_additive(L, s.embeds.dtype, s.embeds.device)
+    counts = {0: L}
+    for layer in sorted(stats.kept_positions):
+        rows = []
+        for b in range(B):
+            keep = ~s.vision[b] | torch.isin(pos, stats.kept_positions[layer][b].to(pos.device))
+            rows.append(pos[keep])
+        if len({len(r) for r in rows}) != 1:
+            raise UsageError(f"limit: the samples kept {[len(r) for r in rows]} tokens at layer {layer}; the bare layers need equal counts")
+        cur = torch.stack(rows)
+        gathers[layer] = torch.stack([torch.searchsorted(prev[b], cur[b]) for b in range(B)])
+        rot[layer] = (M.gather_seq(cos, cur, 1), M.gather_seq(sin, cur, 1))
+        if eager:
+            masks[layer] = _causal_additive(cur.shape[1], s.embeds.dtype, s.embeds.device)
+        counts[layer] = cur.shape[1]
+        prev = cur
+    per_layer, n = [], L
+    for i in range(num_layers):
+        n = counts.get(i, n)
+        per_layer.append(n)
+    rot.setdefault(0, rotary)
+    return LimitPlan(gathers, rot, masks, per_layer, list(decode_rotary))
+
+
+def _layer_call(layer, hidden, mask, rotary, cache):
+    out = layer(hidden, attention_mask=mask, position_ids=None, cache=cache, use_cache=True, position_embeddings=rotary)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def limit_prefill(model, embeds: torch.Tensor, plan: LimitPlan, record: Optional[list] = None):
+    """The prefill of the limit variant: the decoder layers called one by one, each fed the tokens
+    the plan says (a gather at each stage layer; no hooks, no scoring, no mask rebuilding: with
+    SDPA / FlashAttention and no padding the causal mask is implicit). Returns ``(logits of the
+    last token, cache)``; ``record`` gets the token count entering each layer."""
+    from transformers.cache_utils import DynamicCache
+
+    from . import masks as M
+
+    dec = _decoder(model)
+    cache = DynamicCache(config=dec.config)
+    hidden, rotary, mask = embeds, plan.rotary[0], plan.masks.get(0)
+    for i, layer in enumerate(dec.layers):
+        g = plan.gathers.get(i)
+        if g is not None:
+            hidden = M.gather_seq(hidden, g, 1)
+            rotary, mask = plan.rotary[i], plan.masks.get(i)
+        if record is not None:
+            record.append(hidden.shape[1])
+        hidden = _layer_call(layer, hidden, mask, rotary, cache)
+    logits = model.get_output_embeddings()(dec.norm(hidden[:, -1:]))
+    return logits, cache
+
+
+def limit_decode(model, cache, plan: LimitPlan, batch: int, decode_id: int, steps: int) -> None:
+    """Single-token decode steps of the limit variant on its cache (a lone query needs no mask)."""
+    dec = _decoder(model)
+    ids = torch.full((batch, 1), decode_id, dtype=torch.long, device=model.get_input_embeddings().weight.device)
+    for t in range(steps):
+        hidden = model.get_input_embeddings()(ids)
+        for layer in dec.layers:
+            hidden = _layer_call(layer, hidden, None, plan.decode_rotary[t], cache)
+        model.get_output_embeddings()(dec.norm(hidden))
+
+
+class _LimitRunner:
+    name = "limit"
+
+    def __init__(self, plan: LimitPlan):
+        self.plan = plan
+        self.recorded: list = []
+
+    def timed(self, s: _Setup, v: Variant) -> None:
+        with torch.no_grad():
+            _sync(s.device)
+            t0 = _now()
+            _, cache = limit_prefill(s.model, s.embeds, self.plan)
+            _sync(s.device)
+            v.prefill_s.append(_now() - t0)
+            if s.new_tokens > 0:
+                _sync(s.device)
+                t0 = _now()
+                limit_decode(s.model, cache, self.plan, s.embeds.shape[0], s.decode_id, s.new_tokens)
+                _sync(s.device)
+                v.decode_s.append(_now() - t0)
+
+    def memory(self, s: _Setup, v: Variant) -> None:
+        self.recorded = []
+        with torch.no_grad():
+            with PeakMemory(s.device) as mem:
+                _, cache = limit_prefill(s.model, s.embeds, self.plan, record=self.recorded)
+            v.peak_bytes = mem.peak
+            v.kv_bytes = _cache_bytes(cache)
+        v.tokens_per_layer = list(self.recorded)
+
+
+# ---------------------------------------------------------------------- peers: the full attention matrix
+
+
+class _FullMatrix:
+    """Installs, for the peer variant, eager attention returning the full matrix at the probed layers.
+
+    Called with the model before the recipe is applied; returns the undo. The wrapped ``self_attn``
+    of a probed layer switches the (shared) config to eager for its own prefill call only, with an
+    explicit additive causal mask, and keeps the ``(B, H, S, S)`` weights for the scorer."""
+
+    def __init__(self, probe_layers: set):
+        self.probe_layers = probe_layers
+        self.weights: dict = {}
+        self.handle = None
+
+    def __call__(self, model):
+        layers = _decoder_layers(model)
+        undo = []
+        for p in sorted(self.probe_layers):
+            attn = layers[p].self_attn
+            attn.forward = self._wrap(attn, attn.forward, p)
+            undo.append(attn)
+
+        def restore():
+            for attn in undo:
+                del attn.forward
+            self.weights.clear()
+
+        return restore
+
+    def _wrap(self, attn, original, p: int):
+        def forward(*args, **kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if hidden is None or hidden.shape[1] == 1:  # decode steps: untouched
+                return original(*args, **kwargs)
+            kwargs["attention_mask"] = _as_additive(kwargs.get("attention_mask"), hidden)
+            cfg = attn.config
+            old = cfg._attn_implementation
+            cfg._attn_implementation = "eager"
+            try:
+                out, weights = original(*args, **kwargs)
+            finally:
+                cfg._attn_implementation = old
+            self.weights[p] = weights
+            return out, weights
+
+        return forward
+
+
+def _as_additive(mask, hidden) -> torch.Tensor:
+    """Any prefill mask the model or the engine hands a layer, as eager attention's additive (B|1, 1, S, S)."""
+    B, S = hidden.shape[:2]
+    low = torch.finfo(hidden.dtype).min
+    if mask is not None and mask.ndim == 4:
+        if mask.dtype == torch.bool:
+            return torch.where(mask, 0.0, low).to(hidden.dtype)
+        return mask
+    allowed = torch.ones(S, S, dtype=torch.bool, device=hidden.device).tril()[None, None]
+    if mask is not None and mask.ndim == 2:  # FlashAttention's (B, S) padding mask
+        allowed = allowed & mask.bool()[:, None, None, :]
+    return torch.where(allowed, 0.0, low).to(hidden.dtype)
+
+
+def _peer_recipe(recipe, num_layers: int, full: _FullMatrix):
+    """The recipe with each attention scorer replaced by one that reads the full attention matrix."""
+    from .interfaces import Scorer
+    from .recipe import Recipe  # noqa: F401
+    from .schedules.explicit import ExplicitSchedule
+
+    stages = []
+    for s in recipe.stages(num_layers):
+        inner = s.scorer
+        if inner is None or inner.attention is None:
+            stages.append(s)
+            continue
+        if inner.attention == "previous":
+            full.probe_layers.add(s.layer - 1)
+        cls = type(
+            f"FullMatrix{type(inner).__name__}",
+            (_FullMatrixScorer,),
+            {"name": f"{inner.name}-full-matrix", "needs_embeddings": inner.needs_embeddings,
+             "needs_prev_hidden": inner.needs_prev_hidden, "signals": inner.signals},
+        )
+        stages.append(dataclasses.replace(s, scorer=cls(inner=inner, source=inner.attention, full=full)))
+    return dataclasses.replace(recipe, schedule=ExplicitSchedule(stages_=tuple(stages)), name=f"{recipe.name or 'recipe'} (full attention matrix)")
+
+
+def has_attention_scorer(recipe, num_layers: int) -> bool:
+    return any(s.scorer is not None and s.scorer.attention is not None for s in recipe.stages(num_layers))
+
+
+from .interfaces import Scorer as _Scorer  # noqa: E402
+
+
+@dataclass(frozen=True, eq=False)
+class _FullMatrixScorer(_Scorer):
+    """Wraps an attention scorer: its rows come from the full attention matrix, as in the original code.
+
+    ``previous``: the probed layer ran eager attention and left its ``(B, H, S, S)`` weights;
+    ``current``: the whole ``S × S`` matrix of the drop layer's own q/k on its input is computed."""
+
+    inner: Any = None
+    source: str = "previous"
+    full: Any = None
+    attention = None
+
+    def score(self, view):
+        from . import masks as M
+        from .probes import attention_rows
+
+        queries = self.inner.queries(view)  # (B, Q)
+        B, S = view.vision_mask.shape
+        if self.source == "previous":
+            w = self.full.weights.pop(view.layer - 1)  # (B, H, S, S)
+            H = w.shape[1]
+            rows = w.gather(2, queries.clamp(min=0)[:, None, :, None].expand(B, H, -1, S)).float().mean(1)
+        else:
+            state = self.full.handle.current()
+            module = self.full.handle.layers[view.layer]
+            cos, sin = (state.cur or state.full)["position_embeddings"]
+            idx = state._index(view.hidden)
+            key_valid = state.valid.gather(1, idx)
+            if state.alive is not None:
+                key_valid = key_valid & state.alive
+            normed = module.input_layernorm(view.hidden)
+            every = torch.arange(S, device=idx.device).expand(B, S)
+            matrix = attention_rows(module.self_attn, module.self_attn.q_proj(normed), module.self_attn.k_proj(normed),
+                                    cos, sin, every, key_valid)  # (B, S, S), all H heads in fp32
+            rows = M.gather_seq(matrix, queries.clamp(min=0), 1)
+        rows = torch.where((queries >= 0)[..., None], rows, torch.zeros_like(rows))
+        return self.inner.score(dataclasses.replace(view, attention=rows))
+
+
+# ---------------------------------------------------------------------- the benchmark
+
+
 def identity_recipe(recipe, num_layers: int):
     """The same stage layers and scorers with keep = 1: measures the hooks alone."""
     from .interfaces import Stage
-    from .recipe import Recipe
     from .schedules.explicit import ExplicitSchedule
 
     stages = tuple(Stage(s.layer, 1.0, s.scorer, s.selector) for s in recipe.stages(num_layers))
     return dataclasses.replace(recipe, schedule=ExplicitSchedule(stages_=stages), name="keep=1 (hooks only)")
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not (enabled and sys.stderr.isatty()), file=sys.stderr, leave=False,
+                desc="bench", unit="run", dynamic_ncols=True)
 
 
 def bench(
@@ -222,10 +702,14 @@ def bench(
     new_tokens: int = 8,
     repeat: int = 5,
     progress: bool = True,
+    limit: bool = True,
+    peer: bool = True,
 ) -> dict[str, Any]:
-    """Measure untouched vs hooks-only vs recipe on one input shape; return a JSON-friendly dict.
+    """Measure the variants (module docstring) on one input shape; return a JSON-friendly dict.
 
-    Raises :class:`UsageError` for sizes out of range and :class:`BenchInterrupted` on Ctrl-C.
+    ``limit`` / ``peer``: include the physical-limit variant / the full-attention-matrix peer (the
+    latter only exists for recipes with an attention scorer). Raises :class:`UsageError` for sizes
+    out of range and :class:`BenchInterrupted` on Ctrl-C.
     """
     import tokencomp
 
@@ -234,7 +718,6 @@ def bench(
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise UsageError(f"bench: {name} must be an integer >= {minimum}, got {value!r}")
     recipe = tokencomp.load_recipe(recipe)
-    adapter_ids = None
     handle_probe = tokencomp.apply(model, recipe)  # validates before any timing
     adapter_ids = handle_probe.adapter.vision_token_ids(model)
     num_layers = handle_probe.num_layers
@@ -244,65 +727,97 @@ def bench(
     shape = DecoderShape.from_config(model.config)
     vocab = model.get_input_embeddings().num_embeddings
     decode_id = next(i for i in range(vocab - 1, 0, -1) if i not in adapter_ids)
-    variants = {"untouched": Variant("untouched"), "hooks": Variant("hooks (keep=1)"), "recipe": Variant("recipe")}
-    recipes = {"hooks": identity_recipe(recipe, num_layers), "recipe": recipe}
+    s = _Setup(model, embeds, mask, vision, new_tokens, device, decode_id)
+    attn_impl = model.config.get_text_config()._attn_implementation
+
+    runners: dict[str, Any] = {
+        "untouched": _HFRunner("untouched"),
+        "hooks": _HFRunner("hooks", identity_recipe(recipe, num_layers), generate=False),
+        "recipe": _HFRunner("recipe", recipe),
+    }
+    if peer and has_attention_scorer(recipe, num_layers):
+        full = _FullMatrix(set())
+        runners["peer"] = _HFRunner("peer", _peer_recipe(recipe, num_layers, full), generate=False, before=full)
+    variants = {name: Variant(name) for name in runners}
+    if limit:
+        variants["limit"] = Variant("limit")
     order = list(variants)
-    total = (repeat + 1) * len(order)
-    done = 0
+    bar = _progress_bar((repeat + 2) * len(order), progress)
     measured = 0  # rounds completed for every variant (warm-up excluded)
     try:
-        for r in range(repeat + 1):  # round 0 is warm-up, discarded
-            rot = order[r % len(order) :] + order[: r % len(order)]
+        rotary = _capture_rotary(s) if limit else None
+        # Round 0: warm-up, discarded. The recipe's run tells the limit which tokens to feed.
+        for name in runners:
+            runners[name].timed(s, Variant(name))
+            bar.update(1)
+        for name in runners:  # the memory pass: untimed, the only pass with a sampler
+            runners[name].memory(s, variants[name])
+            bar.set_postfix_str(f"memory {name}")
+            bar.update(1)
+        if limit:
+            plan = limit_plan(s, runners["recipe"].stats, rotary[0], rotary[1], attn_impl)
+            runners["limit"] = _LimitRunner(plan)
+            runners["limit"].timed(s, Variant("limit"))
+            runners["limit"].memory(s, variants["limit"])
+            bar.update(2)
+        for r in range(1, repeat + 1):
+            rot = order[r % len(order):] + order[: r % len(order)]
             for name in rot:
-                v = variants[name] if r > 0 else Variant(name)
-                handle = tokencomp.apply(model, recipes[name]) if name in recipes else None
-                if handle is not None:
-                    handle.profile = True
-                try:
-                    _run(model, handle, embeds, mask, vision, new_tokens, v, device, decode_id)
-                    if handle is not None and r > 0:
-                        L = embeds.shape[1]
-                        counts = handle.stats.vision_tokens_per_layer[0]
-                        v.tokens_per_layer = [L - vision_tokens + c for c in counts]
-                finally:
-                    if handle is not None:
-                        handle.remove()
-                done += 1
-                if progress:
-                    _progress(done, total, f"{name} round {r}")
+                runners[name].timed(s, variants[name])
+                bar.set_postfix_str(f"{name} round {r}/{repeat}")
+                bar.update(1)
             measured = r
     except KeyboardInterrupt:
-        if progress:
-            print(file=sys.stderr)  # end the progress line
+        bar.close()
         report = None
-        if measured:
-            # Drop the values of the round cut short, so every variant has the same rounds.
+        if measured and all(v.tokens_per_layer for v in variants.values()):
             for v in variants.values():
-                for name in ("prefill_s", "generate_s", "decode_s", "peak_bytes", "overhead_s"):
-                    setattr(v, name, getattr(v, name)[:measured])
-            variants["untouched"].tokens_per_layer = [embeds.shape[1]] * shape.layers
+                v.truncate(measured)
             report = _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, new_tokens, measured, embeds.dtype, device)
             report["partial"] = True
             report["repeat_requested"] = repeat
         raise BenchInterrupted(report) from None
-    if progress:
-        print(file=sys.stderr)
-    L = embeds.shape[1]
-    variants["untouched"].tokens_per_layer = [L] * shape.layers
+    bar.close()
     rep = _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, new_tokens, repeat, embeds.dtype, device)
     rep["partial"] = False
     rep["repeat_requested"] = repeat
     return rep
 
 
-def _progress(done: int, total: int, label: str) -> None:
-    width = 30
-    filled = width * done // total
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label:<24}", end="", file=sys.stderr, flush=True)
+def _ratio_pair(variants, num: str, den: str, series: str) -> Optional[dict]:
+    if num not in variants or den not in variants:
+        return None
+    a, b = getattr(variants[num], series), getattr(variants[den], series)
+    return paired_ratio(a, b) if a and b else None
+
+
+def _warnings(ratios: dict, rounds: int) -> list[str]:
+    out = []
+    if rounds < 3:
+        out.append(f"only {rounds} measured round(s): no interval is meaningful; use --repeat 5 or more")
+    for key, label in (("recipe/untouched", "prefill ratio"), ("limit/untouched", "limit prefill ratio"),
+                       ("recipe/limit", "recipe ÷ limit"), ("peer/recipe", "peer ÷ recipe prefill")):
+        r = (ratios.get(key) or {}).get("prefill")
+        if r and r["n"] >= 2 and r["median"] == r["median"]:
+            lo, hi = r["ci"]
+            width = (hi - lo) / r["median"]
+            if width > NOISE_LIMIT:
+                out.append(f"{label} {r['median']:.3f}: rounds span {lo:.3f}-{hi:.3f} ({100 * width:.0f}% of it, "
+                           f"{100 * r['ci_level']:.0f}% interval); differences smaller than that are noise")
+    d = (ratios.get("recipe/untouched") or {}).get("decode")
+    if d and d["n"] >= 2:
+        lo, hi = d["ci"]
+        if (hi - lo) / d["median"] > NOISE_LIMIT:
+            out.append(f"decode time ratio {d['median']:.3f}: rounds span {lo:.3f}-{hi:.3f}; it is noise at that width")
+    h = (ratios.get("hooks/untouched") or {}).get("prefill")
+    if h and h["n"] >= 2 and h["ci"][0] <= 1 <= h["ci"][1] and abs(h["median"] - 1) > 0.01:
+        out.append(f"keep=1 hooks ratio {h['median']:.3f} is noise: its interval {h['ci'][0]:.3f}-{h['ci'][1]:.3f} contains 1")
+    return out
 
 
 def _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, new_tokens, repeat, dtype, device):
     base, hooks, comp = variants["untouched"], variants["hooks"], variants["recipe"]
+    lim, peer = variants.get("limit"), variants.get("peer")
     f_base = prefill_flops(shape, base.tokens_per_layer) * batch
     f_comp = prefill_flops(shape, comp.tokens_per_layer) * batch
     d_base = decode_flops(shape, base.tokens_per_layer, new_tokens) * batch
@@ -310,18 +825,68 @@ def _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, n
     esize = torch.finfo(dtype).bits // 8
     kv_base = kv_cache_bytes(shape, base.tokens_per_layer, esize) * batch
     kv_comp = kv_cache_bytes(shape, comp.tokens_per_layer, esize) * batch
+    text = base.tokens_per_layer[0] - vision_tokens
 
-    flop_ratio = f_comp / f_base
-    prefill_ratio = comp.median("prefill_s") / base.median("prefill_s")
-    rows = {
-        "prefill_s": (base.median("prefill_s"), comp.median("prefill_s")),
-        "decode_tokens_per_s": (batch * new_tokens / base.median("decode_s"), batch * new_tokens / comp.median("decode_s")),
-        "generate_s": (base.median("generate_s"), comp.median("generate_s")),
-        "peak_memory_bytes": (statistics.median(base.peak_bytes), statistics.median(comp.peak_bytes)),
-        "kv_cache_bytes": (base.kv_bytes, comp.kv_bytes),
-        "prefill_flops": (f_base, f_comp),
-        "decode_flops": (d_base, d_comp),
+    pairs = [("recipe", "untouched"), ("hooks", "untouched"), ("limit", "untouched"), ("recipe", "limit"),
+             ("peer", "untouched"), ("peer", "recipe")]
+    ratios = {}
+    for num, den in pairs:
+        got = {k: _ratio_pair(variants, num, den, series) for k, series in
+               (("prefill", "prefill_s"), ("decode", "decode_s"), ("generate", "generate_s"))}
+        if any(got.values()):
+            ratios[f"{num}/{den}"] = {k: v for k, v in got.items() if v}
+    nan = float("nan")
+    pre = ratios["recipe/untouched"]["prefill"]
+    dec = ratios["recipe/untouched"].get("decode")
+    gen = ratios["recipe/untouched"].get("generate")
+
+    def timed_row(b, c, r):
+        row = {"baseline": b, "compressed": c, "ratio": r["median"] if r else nan}
+        if r:
+            row.update(ci=r["ci"], ci_level=r["ci_level"], min_based=r["min_based"], of_medians=r["of_medians"])
+        return row
+
+    def plain_row(b, c):
+        return {"baseline": b, "compressed": c, "ratio": c / b if b else nan}
+
+    metrics = {
+        "prefill_s": timed_row(base.median("prefill_s"), comp.median("prefill_s"), pre),
+        "decode_tokens_per_s": timed_row(batch * new_tokens / base.median("decode_s") if base.decode_s else nan,
+                                         batch * new_tokens / comp.median("decode_s") if comp.decode_s else nan,
+                                         _invert(dec) if dec else None),
+        "generate_s": timed_row(base.median("generate_s"), comp.median("generate_s"), gen),
+        "peak_memory_bytes": plain_row(base.peak_bytes, comp.peak_bytes),
+        "kv_cache_bytes": plain_row(base.kv_bytes, comp.kv_bytes),
+        "prefill_flops": plain_row(f_base, f_comp),
+        "decode_flops": plain_row(d_base, d_comp),
     }
+    flop_ratio = f_comp / f_base
+    limit_info = None
+    if lim is not None:
+        lr = ratios.get("limit/untouched", {}).get("prefill")
+        rl = ratios.get("recipe/limit", {})
+        limit_info = {
+            "tokens_per_layer": lim.tokens_per_layer,
+            "prefill_ratio": lr["median"] if lr else nan,
+            "prefill_efficiency": (lr["median"] / flop_ratio) if lr else nan,
+            "recipe_over_limit": rl.get("prefill", {}).get("median", nan),
+            "recipe_over_limit_ci": rl.get("prefill", {}).get("ci", [nan, nan]),
+            "decode_recipe_over_limit": rl.get("decode", {}).get("median", nan),
+            "peak_memory_bytes": lim.peak_bytes,
+            "kv_cache_bytes": lim.kv_bytes,
+        }
+    peer_info = None
+    if peer is not None:
+        pr = ratios.get("peer/recipe", {})
+        peer_info = {
+            "scorers": sorted({s.scorer.name for s in recipe.stages(shape.layers) if s.scorer is not None and s.scorer.attention}),
+            "heads": shape.heads,
+            "prefill_over_recipe": pr.get("prefill", {}).get("median", nan),
+            "prefill_over_recipe_ci": pr.get("prefill", {}).get("ci", [nan, nan]),
+            "decode_over_recipe": pr.get("decode", {}).get("median", nan),
+            "peak_memory_bytes": peer.peak_bytes,
+            "peak_memory_over_recipe": peer.peak_bytes / comp.peak_bytes if comp.peak_bytes else nan,
+        }
     return {
         "recipe": recipe.name or recipe.source,
         "model": type(model).__name__,
@@ -335,39 +900,70 @@ def _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, n
         "new_tokens": new_tokens,
         "repeat": repeat,
         "threads": torch.get_num_threads(),
-        "vision_tokens_per_layer": [n - (base.tokens_per_layer[0] - vision_tokens) for n in comp.tokens_per_layer],
-        "average_vision_tokens": sum(comp.tokens_per_layer) / len(comp.tokens_per_layer) - (base.tokens_per_layer[0] - vision_tokens),
-        "metrics": {
-            k: {"baseline": b, "compressed": c, "ratio": (c / b if b else float("nan"))} for k, (b, c) in rows.items()
+        "method": "timed rounds without a memory sampler; one separate untimed memory pass per variant",
+        "tokens_per_layer": comp.tokens_per_layer,
+        "vision_tokens_per_layer": [n - text for n in comp.tokens_per_layer],
+        "average_vision_tokens": sum(comp.tokens_per_layer) / len(comp.tokens_per_layer) - text,
+        "metrics": metrics,
+        "variants": {
+            name: {
+                **{series: summarize(getattr(v, series)) for series in TIME_SERIES},
+                "peak_memory_bytes": v.peak_bytes,
+                "kv_cache_bytes": v.kv_bytes,
+                "tokens_per_layer": v.tokens_per_layer,
+            }
+            for name, v in variants.items()
         },
+        "ratios": ratios,
         "spread": {
             name: {"prefill": v.spread("prefill_s"), "decode": v.spread("decode_s"), "generate": v.spread("generate_s")}
             for name, v in variants.items()
         },
         "kv_cache_bytes_analytic": {"baseline": kv_base, "compressed": kv_comp},
         "flop_ratio": flop_ratio,
-        "prefill_efficiency": prefill_ratio / flop_ratio,
+        "prefill_efficiency": pre["median"] / flop_ratio,
+        "limit": limit_info,
+        "peer": peer_info,
         "overhead_share": comp.median("overhead_s") / comp.median("prefill_s"),
-        "hooks_prefill_ratio": hooks.median("prefill_s") / base.median("prefill_s"),
+        "hooks_prefill_ratio": ratios["hooks/untouched"]["prefill"]["median"],
+        "hooks_prefill_ci": ratios["hooks/untouched"]["prefill"]["ci"],
         "hooks_overhead_share": hooks.median("overhead_s") / hooks.median("prefill_s"),
+        "warnings": _warnings(ratios, repeat),
     }
+
+
+def _fmt_ci(r: Optional[dict], digits: int = 3) -> str:
+    if not r:
+        return "-"
+    return f"{r['median']:.{digits}f} [{r['ci'][0]:.{digits}f}-{r['ci'][1]:.{digits}f}]"
 
 
 def format_report(rep: dict[str, Any]) -> str:
     """Human-readable table of a :func:`bench` result."""
     m = rep["metrics"]
     lines = [
-        f"recipe {rep['recipe']} on {rep['model']} ({rep['shape']['layers']} layers, hidden {rep['shape']['hidden']}), "
-        f"{rep['device']} {rep['dtype']} {rep['attn']}, {rep['threads']} threads",
+        f"recipe {rep['recipe']} on {rep['model']} ({rep['shape']['layers']} layers, hidden {rep['shape']['hidden']}, "
+        f"{rep['shape']['heads']} heads), {rep['device']} {rep['dtype']} {rep['attn']}, {rep['threads']} threads",
         f"vision tokens {rep['vision_tokens']} + text {rep['text_tokens']}, batch {rep['batch']}, "
-        f"{rep['new_tokens']} new tokens, median of {rep['repeat']} (after a warm-up round)"
+        f"{rep['new_tokens']} new tokens, {rep['repeat']} timed rounds after a warm-up; memory in a separate untimed pass"
         + (f" -- PARTIAL: interrupted after {rep['repeat']} of {rep['repeat_requested']} rounds" if rep.get("partial") else ""),
         f"average vision tokens per layer: {rep['average_vision_tokens']:.1f}",
         "",
-        f"{'metric':<22}{'baseline':>14}{'compressed':>14}{'ratio':>9}",
+        f"{'variant':<12}{'prefill ms (min-max)':>24}{'noise':>7}{'decode tok/s':>14}{'peak MiB':>10}{'KV MiB':>9}",
     ]
+    for name, v in rep["variants"].items():
+        p, d = v["prefill_s"], v["decode_s"]
+        tps = rep["batch"] * rep["new_tokens"] / d["median"] if d["n"] else float("nan")
+        peak = v["peak_memory_bytes"]
+        lines.append(
+            f"{name:<12}{p['median'] * 1e3:>9.1f} ({p['min'] * 1e3:.1f}-{p['max'] * 1e3:.1f}){p['noise']:>7.2f}{tps:>14.1f}"
+            f"{(peak or 0) / 2**20:>10.1f}{v['kv_cache_bytes'] / 2**20:>9.1f}"
+        )
+    lines += ["", f"{'metric':<22}{'baseline':>14}{'compressed':>14}{'ratio':>9}  interval (paired rounds)"]
 
     def fmt(key, value):
+        if value is None or value != value:
+            return "-"
         if key.endswith("_bytes"):
             return f"{value / 2**20:.1f} MiB"
         if key.endswith("_flops"):
@@ -379,31 +975,72 @@ def format_report(rep: dict[str, Any]) -> str:
         return f"{value:.1f}"
 
     for key, row in m.items():
-        lines.append(f"{key:<22}{fmt(key, row['baseline']):>14}{fmt(key, row['compressed']):>14}{row['ratio']:>9.3f}")
+        ci = f"  {row['ci'][0]:.3f}-{row['ci'][1]:.3f} ({100 * row['ci_level']:.0f}%), min-based {row['min_based']:.3f}" if "ci" in row else ""
+        lines.append(f"{key:<22}{fmt(key, row['baseline']):>14}{fmt(key, row['compressed']):>14}{row['ratio']:>9.3f}{ci}")
+    r = rep.get("ratios", {})
     lines += [
         "",
         f"prefill time ratio / FLOP ratio (efficiency, 1.00 = ideal): {rep['prefill_efficiency']:.3f}",
-        f"scoring + selection + gathers: {100 * rep['overhead_share']:.2f}% of the compressed prefill",
-        f"hooks at keep=1: prefill ratio {rep['hooks_prefill_ratio']:.3f} (overhead inside hooks {100 * rep['hooks_overhead_share']:.2f}%)",
-        f"noise (max-min)/median of prefill: untouched {rep['spread']['untouched']['prefill']:.2f}, "
-        f"recipe {rep['spread']['recipe']['prefill']:.2f}",
     ]
+    if rep.get("limit"):
+        lim = rep["limit"]
+        lines.append(
+            f"physical limit (bare layers fed the recipe's tokens): prefill ratio {_fmt_ci(r.get('limit/untouched', {}).get('prefill'))}"
+            f" = {lim['prefill_efficiency']:.3f} x FLOP ratio; tokencomp / limit: prefill {_fmt_ci(r.get('recipe/limit', {}).get('prefill'))}"
+            f", decode {_fmt_ci(r.get('recipe/limit', {}).get('decode'))}"
+        )
+    if rep.get("peer"):
+        pe = rep["peer"]
+        lines.append(
+            f"peer ({', '.join(pe['scorers'])} with the full {pe['heads']}-head attention matrix, as the original code): "
+            f"prefill / tokencomp {_fmt_ci(r.get('peer/recipe', {}).get('prefill'))}, peak memory / tokencomp {pe['peak_memory_over_recipe']:.2f}"
+        )
+    lines += [
+        f"scoring + selection + gathers: {100 * rep['overhead_share']:.2f}% of the compressed prefill",
+        f"hooks at keep=1: prefill ratio {_fmt_ci(r.get('hooks/untouched', {}).get('prefill'))} "
+        f"(overhead inside hooks {100 * rep['hooks_overhead_share']:.2f}%)",
+        f"noise (max-min)/median of prefill: " + ", ".join(f"{n} {v['prefill_s']['noise']:.2f}" for n, v in rep["variants"].items()),
+    ]
+    for w in rep.get("warnings", []):
+        lines.append(f"WARNING: {w}")
     return "\n".join(lines)
 
 
 MARKDOWN_HEADER = (
-    "| recipe | vision tokens | avg kept / layer | FLOP ratio | prefill ratio | efficiency | decode tok/s ratio "
-    "| KV-cache ratio | peak-mem ratio | scoring share | keep=1 hooks ratio | prefill noise |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| recipe | vision tokens | batch | avg kept / layer | FLOP ratio | prefill ratio [interval] | limit ratio | tokencomp ÷ limit "
+    "| time ÷ FLOPs | decode tok/s ratio [interval] | KV-cache ratio | peak-mem ratio | peer ÷ tokencomp prefill "
+    "| peer ÷ tokencomp peak mem | scoring share | keep=1 hooks ratio [interval] | prefill noise |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
+def _num(x, digits=3) -> str:
+    return "-" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def _cell(row: Optional[dict]) -> str:
+    """``ratio [low-high]`` of a metric or ratio entry (old result files: the ratio alone)."""
+    if not row:
+        return "-"
+    value = row.get("ratio", row.get("median"))
+    if "ci" not in row:
+        return _num(value)
+    return f"{_num(value)} [{_num(row['ci'][0])}-{_num(row['ci'][1])}]"
+
+
 def format_markdown_row(rep: dict[str, Any]) -> str:
-    """One Markdown table row (see ``MARKDOWN_HEADER``) of a :func:`bench` result."""
+    """One Markdown table row (see ``MARKDOWN_HEADER``) of a :func:`bench` result (also of result
+    files written before the limit / peer variants existed: their cells are ``-``)."""
     m = rep["metrics"]
+    r = rep.get("ratios", {})
+    lim, peer = rep.get("limit") or {}, rep.get("peer") or {}
+    hooks = r.get("hooks/untouched", {}).get("prefill") or {"ratio": rep["hooks_prefill_ratio"]}
+    noise = rep["spread"]["recipe"]["prefill"]
     return (
-        f"| {rep['recipe']} | {rep['vision_tokens']} | {rep['average_vision_tokens']:.1f} | {rep['flop_ratio']:.3f} "
-        f"| {m['prefill_s']['ratio']:.3f} | {rep['prefill_efficiency']:.3f} | {m['decode_tokens_per_s']['ratio']:.3f} "
-        f"| {m['kv_cache_bytes']['ratio']:.3f} | {m['peak_memory_bytes']['ratio']:.3f} | {100 * rep['overhead_share']:.2f}% "
-        f"| {rep['hooks_prefill_ratio']:.3f} | {rep['spread']['recipe']['prefill']:.2f} |"
+        f"| {rep['recipe']} | {rep['vision_tokens']} | {rep.get('batch', 1)} | {rep['average_vision_tokens']:.1f} | {rep['flop_ratio']:.3f} "
+        f"| {_cell(m['prefill_s'])} | {_num(lim.get('prefill_ratio'))} | {_cell(r.get('recipe/limit', {}).get('prefill'))} "
+        f"| {rep['prefill_efficiency']:.3f} | {_cell(m['decode_tokens_per_s'])} "
+        f"| {m['kv_cache_bytes']['ratio']:.3f} | {_num(m['peak_memory_bytes']['ratio'])} "
+        f"| {_cell(r.get('peer/recipe', {}).get('prefill'))} | {_num(peer.get('peak_memory_over_recipe'), 2)} "
+        f"| {100 * rep['overhead_share']:.2f}% | {_cell(hooks)} | {noise:.2f} |"
     )

@@ -55,6 +55,10 @@ def add_commands(sub) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", dest="json_out", help="write the results as JSON here")
     p.add_argument("--markdown", action="store_true", help="also print a Markdown table (for BENCHMARKS.md)")
+    p.add_argument("--no-limit", dest="limit", action="store_false",
+                   help="skip the physical-limit variant (bare layers fed the recipe's token counts)")
+    p.add_argument("--no-peer", dest="peer", action="store_false",
+                   help="skip the full-attention-matrix peer variant of attention scorers (fastv, pdrop, sparsevlm)")
     p.set_defaults(func=cmd_bench)
 
     from .evaltable import add_eval_command  # `tokencomp eval` (lmms-eval imported only when it runs)
@@ -221,11 +225,16 @@ def cmd_bench(args) -> int:
     spec = args.model or f"synthetic {args.synthetic}"
     results = []
     try:
-        model = _load_real(args.model, args.attn, dtype) if args.model else _build_synthetic(args.synthetic, args.attn, dtype)
+        if args.model:
+            model = _load_real(args.model, args.attn, dtype)
+        else:
+            with torch.device(device):  # random weights made where they run: seconds for a 7B shape on a GPU
+                model = _build_synthetic(args.synthetic, args.attn, dtype)
         model = model.to(device)
         for n in args.vision_tokens:
             rep = bench(model, recipe, vision_tokens=n, text_tokens=args.text_tokens, batch=args.batch,
-                        new_tokens=args.new_tokens, repeat=args.repeat)
+                        new_tokens=args.new_tokens, repeat=args.repeat, progress=not getattr(args, "quiet", False),
+                        limit=args.limit, peer=args.peer)
             rep["model_spec"] = spec
             results.append(rep)
             print(format_report(rep))
