@@ -106,6 +106,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the dense patch loss on the vision tower")
+    ap.add_argument("--init", default=None, help="continue from this saved checkpoint instead of random weights")
+    ap.add_argument("--data-offset", type=int, default=0, help="first train scene index (use fresh scenes when continuing)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--out", default="tokencomp/toy/checkpoint")
@@ -115,7 +117,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     processor = build.build_processor()
-    model = build.build_model(processor.tokenizer, seed=args.seed)
+    if args.init:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(args.init, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        model = build.build_model(processor.tokenizer, seed=args.seed)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M", flush=True)
@@ -142,7 +149,7 @@ def main(argv=None):
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        input_ids, att, pix, lab, aux = make_batch(processor, step * args.batch, args.batch, args.seed)
+        input_ids, att, pix, lab, aux = make_batch(processor, args.data_offset + step * args.batch, args.batch, args.seed)
         logits = model(input_ids=input_ids, attention_mask=att, pixel_values=pix).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
         h = captured["h"][:, 1:]  # patch tokens of the last vision layer (what LLaVA feeds the projector)
