@@ -25,7 +25,8 @@ def add_commands(sub) -> None:
     p.add_argument("--model", help="a real checkpoint (id or path); default: a random-weight LLaVA-1.5 built here")
     p.add_argument("--image", help="image file for --model (default: a generated picture)")
     p.add_argument("--prompt", default="What is in this image?", help="question for --model")
-    p.add_argument("--out", default="tokencomp-demo.png", help="heatmap PNG to write")
+    p.add_argument("--out", default="tokencomp-demo.png", help="heatmap PNG to write (also with --model)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="generate with a recipe on a real checkpoint; print the answer and stats")
@@ -37,6 +38,7 @@ def add_commands(sub) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
     p.add_argument("--heatmap", help="also write a PNG of the tokens kept at each stage over the images / frames")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="time untouched vs recipe side by side; print ratios")
@@ -58,7 +60,8 @@ def add_commands(sub) -> None:
     p.add_argument("--no-limit", dest="limit", action="store_false",
                    help="skip the physical-limit variant (bare layers fed the recipe's token counts)")
     p.add_argument("--no-peer", dest="peer", action="store_false",
-                   help="skip the full-attention-matrix peer variant of attention scorers (fastv, pdrop, sparsevlm)")
+                   help="skip the full-attention-matrix peer variant of attention-based scorers")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
 
     from .evaltable import add_eval_command  # `tokencomp eval` (lmms-eval imported only when it runs)
@@ -173,6 +176,37 @@ def check_model(model_id: str) -> None:
     supported = sorted(c for e in registry().entries["model_adapter"].values() for c in e.cls.model_classes)
     if not names & set(supported):
         raise UnsupportedModelError(f"--model {model_id}: {cls_name} is not supported by tokencomp; supported: {', '.join(supported)}")
+    return config
+
+
+#: model_type of the families whose processors (their video processors) need torchvision.
+NEEDS_TORCHVISION = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def check_processor_deps(model_id: str, config) -> None:
+    """Qwen and OneVision processors cannot be built without torchvision: say so in one line."""
+    if getattr(config, "model_type", None) not in NEEDS_TORCHVISION:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # ImportError, or a CUDA wheel failing next to a CPU torch
+        raise UsageError(
+            f"--model {model_id}: the {config.model_type} processor needs torchvision, which does not import here "
+            f"({type(exc).__name__}: {one_line(str(exc))}); install the build matching torch {torch.__version__} "
+            "(CPU-only torch: pip install torchvision --index-url https://download.pytorch.org/whl/cpu)"
+        ) from None
+
+
+def takes_video(config) -> bool:
+    """Whether the model has a video placeholder token (Qwen, OneVision); LLaVA-1.5 / NeXT do not."""
+    return any(getattr(config, k, None) is not None for k in ("video_token_id", "video_token_index"))
+
+
+def progress(iterable, quiet: bool = False, **kwargs):
+    """tqdm on stderr for loops a user waits on; silent when stderr is not a terminal or with --quiet."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=True if quiet else None, leave=False, file=sys.stderr, **kwargs)
 
 
 def _image_text_class(config):
@@ -231,7 +265,7 @@ def cmd_bench(args) -> int:
             with torch.device(device):  # random weights made where they run: seconds for a 7B shape on a GPU
                 model = _build_synthetic(args.synthetic, args.attn, dtype)
         model = model.to(device)
-        for n in args.vision_tokens:
+        for n in progress(args.vision_tokens, args.quiet or len(args.vision_tokens) < 2, desc="vision-token counts", unit="count"):
             rep = bench(model, recipe, vision_tokens=n, text_tokens=args.text_tokens, batch=args.batch,
                         new_tokens=args.new_tokens, repeat=args.repeat, progress=not getattr(args, "quiet", False),
                         limit=args.limit, peer=args.peer)
@@ -319,7 +353,7 @@ def demo_inputs(model, image: torch.Tensor, prompt_len: int = 24, seed: int = 0)
 def cmd_demo(args) -> int:
     import tokencomp
     from .flops import DecoderShape, prefill_flops
-    from .heatmap import demo_picture, render_regions, token_layout, write_png
+    from .heatmap import demo_picture, render_regions, save_png, token_layout
 
     recipe = tokencomp.load_recipe(args.recipe) if args.recipe else tokencomp.default_recipe()
     if args.model:
@@ -335,7 +369,7 @@ def cmd_demo(args) -> int:
     kw = dict(max_new_tokens=8, do_sample=False)
     times = {"baseline": [], "compressed": []}
     with torch.no_grad():
-        for _ in range(3):  # interleaved, median reported
+        for _ in progress(range(3), getattr(args, "quiet", False), desc="generate (baseline, compressed)", unit="round"):  # interleaved, median reported
             t0 = time.perf_counter()
             base = model.generate(**inputs, **kw)
             times["baseline"].append(time.perf_counter() - t0)
@@ -355,9 +389,9 @@ def cmd_demo(args) -> int:
     print(f"prefill FLOPs: {f_base / 1e9:.2f} G -> {f_comp / 1e9:.2f} G ({100 * (1 - f_comp / f_base):.1f}% saved)")
     print(f"generate (8 tokens) latency: baseline {tb * 1000:.0f} ms, compressed {tc * 1000:.0f} ms (ratio {tc / tb:.2f})")
     print(f"generated ids (random weights, not meaningful): baseline {base[0, L:].tolist()}, compressed {comp[0, L:].tolist()}")
-    panels = render_regions(image, token_layout(model, inputs), stats.kept_positions)
-    write_png(args.out, panels)
-    print(f"wrote {args.out}: the image, then the patches kept after each stage ({', '.join(map(str, stats.kept_positions))})")
+    rendering = render_regions(image, token_layout(model, inputs), stats.kept_positions)
+    save_png(args.out, rendering)
+    print(f"wrote {args.out}: " + "; ".join(rendering.legend()))
     return 0
 
 
@@ -386,15 +420,18 @@ def _demo_real(args, recipe) -> int:
 
         pic = (demo_picture(DEMO_IMAGE).permute(1, 2, 0) * 255).round().byte().numpy()
         images = [Image.fromarray(pic)]
-    check_model(args.model)
-    answer_base, answer_comp, stats = _generate_real(args.model, recipe, images, args.prompt, 64, "sdpa", compare=True)
+    check_output(args.out, "--out")
+    check_processor_deps(args.model, check_model(args.model))
+    answer_base, answer_comp, stats = _generate_real(args.model, recipe, images, args.prompt, 64, "sdpa", compare=True,
+                                                     heatmap=args.out, quiet=args.quiet)
     print(f"baseline:   {answer_base}")
     print(f"compressed: {answer_comp}")
     print(f"vision tokens per layer: {stats.vision_tokens_per_layer[0]}")
     return 0
 
 
-def _generate_real(model_id, recipe, images, prompt, max_new_tokens, attn, compare=False, video=None, heatmap=None):
+def _generate_real(model_id, recipe, images, prompt, max_new_tokens, attn, compare=False, video=None, heatmap=None,
+                   quiet=False):
     import tokencomp
     from transformers import AutoProcessor
 
@@ -419,36 +456,28 @@ def _generate_real(model_id, recipe, images, prompt, max_new_tokens, attn, compa
     def decode(out):
         return processor.batch_decode(out[:, n:], skip_special_tokens=True)[0].strip()
 
+    base = comp = None
     with torch.no_grad():
-        base = decode(model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)) if compare else None
-        with tokencomp.apply(model, recipe) as handle:
-            comp = decode(model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False))
+        for which in progress(["baseline", "compressed"] if compare else ["compressed"], quiet or not compare,
+                              desc="generate", unit="run"):
+            if which == "baseline":
+                base = decode(model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False))
+                continue
+            with tokencomp.apply(model, recipe) as handle:
+                comp = decode(model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False))
     if heatmap:
-        _write_heatmap(heatmap, model, inputs, images, video, handle.stats)
+        _write_heatmap(heatmap, model, processor, inputs, images, video, handle.stats)
     return base, comp, handle.stats
 
 
-def _picture(pil, size=224) -> torch.Tensor:
-    """A PIL image as a (3, size, size) float tensor (regions cover whole images, so aspect is free)."""
-    import numpy as np
+def _write_heatmap(path, model, processor, inputs, images, video, stats) -> None:
+    from .heatmap import render_inputs, save_png
 
-    arr = torch.from_numpy(np.asarray(pil.convert("RGB").resize((size, size)), dtype=np.float32) / 255.0)
-    return arr.permute(2, 0, 1)
-
-
-def _write_heatmap(path, model, inputs, images, video, stats) -> None:
-    from .heatmap import render_regions, token_layout, write_png
-
-    regions = token_layout(model, {k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()})
-    pictures = {("image", i, 0): _picture(im) for i, im in enumerate(images)}
-    frames = video or []
-    for r in regions:
-        if r.view == "video":
-            # A Qwen frame covers temporal_patch_size input frames: show the first of them.
-            step = max(1, len(frames) // max(1, sum(1 for x in regions if x.view == "video")))
-            pictures[("video", r.image, r.frame)] = _picture(frames[min(r.frame * step, len(frames) - 1)])
-    write_png(path, render_regions(pictures, regions, stats.kept_positions))
-    print(f"wrote {path}", file=sys.stderr)
+    rendering = render_inputs(model, processor, inputs, images, video, stats.kept_positions)
+    save_png(path, rendering)
+    print(f"wrote {path}: each row is one image / view / frame, its panels left to right:", file=sys.stderr)
+    for line in rendering.legend():
+        print(f"  {line}", file=sys.stderr)
 
 
 def cmd_run(args) -> int:
@@ -467,9 +496,16 @@ def cmd_run(args) -> int:
         video = _load_images(frames, "--video")
     if args.heatmap:
         check_output(args.heatmap, "--heatmap")
-    check_model(args.model)
+        if not images and video is None:
+            raise UsageError(f"--heatmap {args.heatmap}: the prompt has no image or video to draw (add --image or --video)")
+    config = check_model(args.model)
+    if video is not None and not takes_video(config):
+        raise UsageError(f"--video {args.video}: {config.model_type} models take no video input "
+                         "(pass frames as several --image, or use a video model: Qwen2/2.5/3-VL, LLaVA-OneVision)")
+    check_processor_deps(args.model, config)
     _, answer, stats = _generate_real(
-        args.model, recipe, images, args.prompt, args.max_new_tokens, args.attn, video=video, heatmap=args.heatmap
+        args.model, recipe, images, args.prompt, args.max_new_tokens, args.attn, video=video, heatmap=args.heatmap,
+        quiet=args.quiet,
     )
     print(answer)
     print(json.dumps(stats.as_dict()["average_vision_tokens"]), file=sys.stderr)
