@@ -107,7 +107,7 @@ def test_remove_after_input_stage_restores_exactly():
         ({"phase": "input", "keep": 0.5, "scorer": "fastv"}, "looks at the previous decoder layer"),
         ({"phase": "input", "layer": 0, "keep": 0.5, "scorer": "random"}, "takes no `layer:`"),
         ({"layer": 0, "keep": 0.5, "scorer": "random"}, "phase: input"),
-        ({"phase": "decode", "layer": 3, "keep": 0.5}, "phase must be one of"),
+        ({"phase": "output", "layer": 3, "keep": 0.5}, "phase must be one of input, prefill, decode"),
     ],
 )
 def test_input_stage_recipe_errors(stage, message):

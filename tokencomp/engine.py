@@ -65,8 +65,11 @@ class Handle:
         self.decoder = self.adapter.language_model(model)
         self.layers = list(self.decoder.layers)
         self.num_layers = len(self.layers)
-        self.stages: list[Stage] = recipe.stages(self.num_layers)
+        every = recipe.stages(self.num_layers)
+        self.stages: list[Stage] = [s for s in every if not s.decode]
         self.stage_at = {s.layer: s for s in self.stages}
+        self.decode_stages: list[Stage] = [s for s in every if s.decode]
+        self.decode_at = {s.layer: s for s in self.decode_stages}
         self.text_config = self.decoder.config
         self.vision_ids = torch.tensor(self.adapter.vision_token_ids(model), dtype=torch.long)
         if self.vision_ids.numel() == 0:
@@ -156,6 +159,10 @@ class Handle:
                         self._hooks.append(proj.register_forward_hook(self._capture_hook(stage.layer - 1, name)))
                 if stage.scorer.needs_prev_hidden:
                     self._hooks.append(self.layers[stage.layer - 1].register_forward_hook(self._output_hook()))
+            for stage in self.decode_stages:
+                if self.stage_at.get(stage.layer) is None or self.stage_at[stage.layer].scorer.attention != "previous":
+                    q_proj = self.layers[stage.layer - 1].self_attn.q_proj
+                    self._hooks.append(q_proj.register_forward_hook(self._capture_hook(stage.layer - 1, "q")))
             if self._signals:
                 self._hooks.extend(self.adapter.install_signals(self.model, self._signals, self._emit_signal))
             undo = self.adapter.install(self.model, self)
@@ -193,6 +200,7 @@ class Handle:
         stages = ", ".join(
             f"{s.layer}:{s.keep:g}/{s.scorer.name}" + (f"+{s.merger.name}" if s.merger is not None else "") for s in self.stages
         )
+        stages += "".join(f", decode {s.layer}:{s.keep:g}/{s.decode}" for s in self.decode_stages)
         state = "removed" if self._removed else "applied"
         return f"<tokencomp.Handle {state} to {type(self.model).__name__}: {stages}>"
 
@@ -265,7 +273,7 @@ class Handle:
                     "model); its layers hold different token counts. Finish generating under the handle that filled "
                     "it, or start from a fresh cache"
                 )
-            return Decode(meta, self.kind)
+            return Decode(self, meta)
         if cache is not None and cache.get_seq_length() > 0:
             return None  # chunked/multi-turn prefill onto a cache we did not compress: untouched
         explicit = self._opt("explicit_mask")
@@ -347,7 +355,7 @@ class Handle:
     def _capture_hook(self, layer_idx: int, name: str):
         def hook(module, args, output):
             state = self.current()
-            if isinstance(state, Prefill):
+            if state is not None:
                 state.captured(layer_idx, name, output)
 
         return hook

@@ -186,11 +186,17 @@ class Stage:
     """Recipe line this stage came from, for error messages."""
     merger: Optional[Merger] = None
     """Folds the dropped tokens into the kept ones or into summary tokens (``None``: plain drop)."""
+    decode: Optional[str] = None
+    """For a *decode* stage (``phase: decode``): ``"mask"`` or ``"evict"``. At every generated token,
+    layers ``layer`` and later attend to the ``keep`` fraction of the cached vision tokens that the new
+    token attends to most at layer ``layer - 1``; ``mask`` hides the others for that step (the cache
+    stays), ``evict`` removes them from those layers' cache for good."""
 
     @property
     def phase(self) -> str:
-        """``"input"`` (before layer 0) or ``"prefill"`` (inside the decoder, during the prefill)."""
-        return "input" if self.layer == 0 else "prefill"
+        """``"input"`` (before layer 0), ``"prefill"`` (inside the decoder, during the prefill) or
+        ``"decode"`` (during generation)."""
+        return "decode" if self.decode else ("input" if self.layer == 0 else "prefill")
 
 
 class Schedule(_Plugin):

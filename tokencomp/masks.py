@@ -148,3 +148,14 @@ def remap_decode_mask(
     if mask.ndim == 2:
         return mask & ~dead if mask.dtype == torch.bool else mask * (~dead).to(mask.dtype)
     return _hide_dead(mask, dead, None)
+
+
+def hide_columns(mask: Optional[torch.Tensor], hide: torch.Tensor, kind: str, dtype: torch.dtype, q_len: int) -> torch.Tensor:
+    """``mask`` with the key columns ``hide`` (B, KV) hidden from every query; a causal mask of the
+    ``kind`` layout is built first when the model passed none."""
+    B, KV = hide.shape
+    if mask is None:
+        mask = causal_mask(kind, q_len, KV, B, dtype, hide.device)
+    if mask.ndim == 2:
+        return mask & ~hide if mask.dtype == torch.bool else mask * (~hide).to(mask.dtype)
+    return _hide_dead(mask, hide, None)

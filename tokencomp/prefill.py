@@ -66,6 +66,8 @@ class Prefill:
         if i == 0:
             self.cache = kwargs.get("cache", kwargs.get("past_key_values"))
             self.full = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
+            if h.decode_stages and self.cache is not None:
+                self._cache_meta()  # decode stages need the metadata even if the prefill drops nothing
             if any(s.scorer.needs_embeddings for s in h.stages):
                 self.embeddings = hidden
         stage = h.stage_at.get(i)
@@ -249,12 +251,16 @@ class Prefill:
             self.slots[stage.layer] = _rows(idx, slots)
         self._regather(hidden.dtype)
         if self.cache is not None:
-            meta = meta_of(self.cache)
-            if meta is None or meta.owner() is not self.handle:
-                meta = CacheMeta(weakref.ref(self.handle), self.length, {})
-                attach(self.cache, meta)
-            self.cache_meta = meta
+            self._cache_meta()
         return hidden
+
+    def _cache_meta(self) -> None:
+        """Put this prefill's metadata on the KV cache (once)."""
+        meta = meta_of(self.cache)
+        if meta is None or meta.owner() is not self.handle:
+            meta = CacheMeta(weakref.ref(self.handle), self.length, {}, self.is_vision, self.valid, self.last)
+            attach(self.cache, meta)
+        self.cache_meta = meta
 
     def _replayed(self, replay, layer: int, idx, cand) -> torch.Tensor:
         """The selection recorded for ``layer`` (summary slots excluded: the merger makes them again)."""

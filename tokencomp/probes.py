@@ -57,3 +57,32 @@ def attention_rows(
     logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1).mean(dim=(1, 2))
     return torch.where((query_index >= 0)[..., None], probs, torch.zeros_like(probs))
+
+
+def cached_attention_row(
+    attn: torch.nn.Module,
+    q_proj_out: torch.Tensor,
+    cached_keys: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    allowed: torch.Tensor,
+) -> torch.Tensor:
+    """Head-averaged attention probabilities ``(B, KV)`` of the *last* query of a decode step over a
+    layer's cached keys (already normed and rotated, as the cache stores them).
+
+    ``q_proj_out`` (B, Q, H·d): the layer's ``q_proj`` output for this step; ``cos``/``sin``
+    (B|1, Q, d): this step's rotary tables; ``allowed`` (B, KV): the keys it may see.
+    """
+    B, Q = q_proj_out.shape[:2]
+    Hkv, KV, d = cached_keys.shape[1], cached_keys.shape[2], cached_keys.shape[3]
+    q = q_proj_out[:, -1:].view(B, 1, -1, d)
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    c, s = cos.expand(B, -1, -1)[:, -1:, None], sin.expand(B, -1, -1)[:, -1:, None]
+    q = (q * c + rotate_half(q) * s)[:, 0]  # (B, H, d)
+    H = q.shape[1]
+    q = q.view(B, Hkv, H // Hkv, d)
+    scale = getattr(attn, "scaling", d**-0.5)
+    logits = torch.einsum("bngd,bnkd->bngk", q.float(), cached_keys.float()) * scale
+    logits = logits.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1).mean(dim=(1, 2))

@@ -38,8 +38,9 @@ from .plugins import registry
 
 EXPLICIT = "explicit"  # the schedule plugin that holds `stages:` lists (the recipe format itself)
 TOP_KEYS = ("name", "description", "scorer", "selector", "schedule")
-STAGE_KEYS = ("layer", "phase", "keep", "scorer", "selector", "merge")
-PHASES = ("input", "prefill")
+STAGE_KEYS = ("layer", "phase", "keep", "scorer", "selector", "merge", "mode")
+PHASES = ("input", "prefill", "decode")
+DECODE_MODES = ("mask", "evict")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -450,15 +451,40 @@ def _parse_stages(value: Any, source: str, line: Optional[int]) -> tuple[Stage, 
         if "keep" not in item:
             raise RecipeError(f"stage {i} is missing 'keep'", source=source, line=sline)
         layer = _stage_layer(item, ilines, source, sline, i)
-        if prev is not None and layer <= prev:
-            raise RecipeError(f"stage layers must be strictly increasing: {layer} follows {prev}", source=source, line=ilines.get("layer", sline))
-        prev = layer
+        decode = _decode_mode(item, ilines, source, sline)
+        if decode is None:
+            if prev is not None and layer <= prev:
+                raise RecipeError(f"stage layers must be strictly increasing: {layer} follows {prev}", source=source, line=ilines.get("layer", sline))
+            prev = layer
         keep = _check_keep(item["keep"], source, ilines.get("keep", sline))
         scorer = make_plugin("scorer", item["scorer"], source, ilines.get("scorer")) if "scorer" in item else None
         selector = make_plugin("selector", item["selector"], source, ilines.get("selector")) if "selector" in item else None
         merger = make_plugin("merger", item["merge"], source, ilines.get("merge")) if item.get("merge") is not None else None
-        stages.append(Stage(layer, keep, scorer, selector, line=sline, merger=merger))
+        stages.append(Stage(layer, keep, scorer, selector, line=sline, merger=merger, decode=decode))
+    decode_layers = [s.layer for s in stages if s.decode]
+    if decode_layers != sorted(set(decode_layers)):
+        raise RecipeError(f"decode stage layers must be strictly increasing, got {decode_layers}", source=source, line=line)
     return tuple(stages)
+
+
+def _decode_mode(item: dict, lines: dict, source: str, line: Optional[int]) -> Optional[str]:
+    """``mask`` / ``evict`` for a ``phase: decode`` stage, None for the others (which take no ``mode``)."""
+    if item.get("phase") != "decode":
+        if "mode" in item:
+            raise RecipeError("`mode:` is for decode stages (`phase: decode`)", source=source, line=lines.get("mode", line))
+        return None
+    for key in ("scorer", "selector", "merge"):
+        if key in item:
+            raise RecipeError(
+                f"a decode stage takes no `{key}:`: it keeps the cached vision tokens the new token attends to most "
+                "at the layer before",
+                source=source,
+                line=lines.get(key, line),
+            )
+    mode = item.get("mode", "mask")
+    if mode not in DECODE_MODES:
+        raise RecipeError(f"mode must be one of {', '.join(DECODE_MODES)}, got {mode!r}", source=source, line=lines.get("mode", line))
+    return mode
 
 
 def _make_schedule(spec: Any, source: str, line: Optional[int]) -> Schedule:
@@ -502,11 +528,14 @@ class Recipe:
                     source=self.source,
                     line=line,
                 )
-            if st.layer < 0 or (out and st.layer <= prev):
+            if not st.decode and (st.layer < 0 or (prev >= 0 and st.layer <= prev)):
                 raise RecipeError(f"schedule gave layers that are not strictly increasing from 0: {st.layer}", source=self.source, line=line)
+            if st.decode and st.layer < 1:
+                raise RecipeError(f"a decode stage needs a layer >= 1 (it reads layer - 1), got {st.layer}", source=self.source, line=line)
             if not 0.0 <= st.keep <= 1.0:
                 raise RecipeError(f"schedule gave keep {st.keep} outside [0, 1]", source=self.source, line=line)
-            prev = st.layer
+            if not st.decode:
+                prev = st.layer
             st = dataclasses.replace(st, scorer=st.scorer or self.scorer, selector=st.selector or self.selector)
             if st.layer == 0 and (st.scorer.needs_prev_hidden or st.scorer.attention == "previous"):
                 raise RecipeError(
@@ -521,8 +550,12 @@ class Recipe:
     def describe(self, num_layers: int) -> str:
         """One line per stage, for logs and the CLI."""
         return "\n".join(
-            f"{'input' if s.layer == 0 else f'layer {s.layer:>3}'}: keep {s.keep:.4g} of the vision tokens, scorer {s.scorer.name}, selector {s.selector.name}"
-            + (f", merger {s.merger.name}" if s.merger is not None else "")
+            (
+                f"decode, layer {s.layer:>3}+: attend to {s.keep:.4g} of the cached vision tokens ({s.decode})"
+                if s.decode
+                else f"{'input' if s.layer == 0 else f'layer {s.layer:>3}'}: keep {s.keep:.4g} of the vision tokens, "
+                f"scorer {s.scorer.name}, selector {s.selector.name}" + (f", merger {s.merger.name}" if s.merger is not None else "")
+            )
             for s in self.stages(num_layers)
         )
 

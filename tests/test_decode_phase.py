@@ -1,0 +1,150 @@
+"""Decode stages (``phase: decode``): during generation, layers ``l`` and later attend only to the
+cached vision tokens the new token attends to most at layer ``l - 1`` — hidden for the step
+(``mask``, DyCoke's behaviour) or removed from those layers' cache (``evict``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokencomp
+from tokencomp.errors import RecipeError
+from tokencomp.testing import make_inputs, take_sample, vision_token_ids
+
+from test_engine import gen_kwargs, tiny
+
+FAMILIES = ("llava", "llava_onevision", "qwen2_vl", "qwen3_vl")
+
+
+def recipe(keep, mode, layer=3, extra=()):
+    return {"schedule": {"stages": [*extra, {"phase": "decode", "layer": layer, "keep": keep, "mode": mode}]}}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["mask", "evict"])
+def test_decode_stage_at_keep_1_is_the_identity(family, attn, mode):
+    model = tiny(family, attn)
+    inputs = make_inputs(model, batch=2)
+    with torch.no_grad():
+        ref = model.generate(**inputs, **gen_kwargs(model))
+        with tokencomp.apply(model, recipe(1.0, mode)):
+            got = model.generate(**inputs, **gen_kwargs(model))
+    assert torch.equal(ref.sequences, got.sequences)
+    for a, b in zip(ref.scores, got.scores):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["mask", "evict"])
+def test_decode_stage_batch_equals_single(family, mode):
+    model = tiny(family)
+    inputs = make_inputs(model, batch=3, padding="left")
+    with torch.no_grad(), tokencomp.apply(model, recipe(0.25, mode)):
+        batched = model.generate(**inputs, **gen_kwargs(model))
+        n_new = batched.sequences.shape[1] - inputs["input_ids"].shape[1]
+        for b in range(3):
+            solo = model.generate(**take_sample(inputs, b), **gen_kwargs(model))
+            assert torch.equal(solo.sequences[0, -n_new:], batched.sequences[b, -n_new:])
+            for x, y in zip(solo.scores, batched.scores):
+                finite = torch.isfinite(x[0])
+                assert (x[0][finite] - y[b][finite]).abs().max() < 1e-4
+
+
+def test_decode_stage_changes_generation_and_evict_frees_the_cache():
+    model = tiny("llava")
+    inputs = make_inputs(model, batch=2)
+    n_vision = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    with torch.no_grad():
+        ref = model.generate(**inputs, **gen_kwargs(model))
+        lengths = {}
+        for mode in ("mask", "evict"):
+            with tokencomp.apply(model, recipe(0.25, mode)):
+                out = model(**inputs, use_cache=True)
+                cache = out.past_key_values
+                step = {
+                    "input_ids": torch.full((2, 1), 20),
+                    "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1),
+                }
+                logits = model(**step, cache=cache, use_cache=True).logits
+                lengths[mode] = [layer.keys.shape[-2] for layer in cache.layers]
+                assert cache.get_seq_length() == inputs["input_ids"].shape[1] + 1  # the logical length
+                if mode == "mask":
+                    mask_logits = logits
+                else:
+                    # The first decode step selects the same tokens in both modes: same output.
+                    assert torch.allclose(logits, mask_logits, atol=1e-5)
+    L = inputs["input_ids"].shape[1] + 1
+    assert lengths["mask"] == [L] * 6
+    assert lengths["evict"][:3] == [L] * 3
+    assert all(n == L - (n_vision - int(n_vision * 0.25)) for n in lengths["evict"][3:])
+    with torch.no_grad(), tokencomp.apply(model, recipe(0.25, "mask")):
+        got = model.generate(**inputs, **gen_kwargs(model))
+    assert max((a - b)[torch.isfinite(a)].abs().max() for a, b in zip(ref.scores[1:], got.scores[1:])) > 1e-4
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_evicted_selection_is_the_top_attention_of_the_new_token(family):
+    """Reference: the eager model's own attention probabilities at layer l-1 for the first decode
+    step (output_attentions), head-averaged; evict keeps exactly their top-k vision tokens."""
+    model = tiny(family, "eager")
+    inputs = make_inputs(model, batch=1)
+    L = inputs["input_ids"].shape[1]
+    step = {
+        "input_ids": torch.full((1, 1), 20),
+        "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1),
+        "position_ids": torch.full((1, 1), L),
+    }
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        att = model(**step, cache=out.past_key_values, use_cache=True, output_attentions=True).attentions[2]
+    row = att[0, :, -1, :L].mean(0)  # (L,) attention of the new token at layer 2 over the prompt
+    vision = torch.isin(inputs["input_ids"][0], torch.tensor(vision_token_ids(model)))
+    vision[L - 1] = False
+    pos = torch.nonzero(vision).flatten()
+    k = int(len(pos) * 0.25)
+    want = pos[torch.sort(row[pos], descending=True, stable=True).indices[:k]].sort().values
+    with torch.no_grad(), tokencomp.apply(model, recipe(0.25, "evict")):
+        out = model(**inputs, use_cache=True)
+        cache = out.past_key_values
+        model(**step, cache=cache, use_cache=True)
+        meta = cache._tokencomp_meta.layers[3]
+    kept = meta.idx[0][meta.alive[0]]
+    kept_vision = kept[vision[kept]]
+    assert torch.equal(kept_vision, want)
+
+
+@pytest.mark.parametrize("mode", ["mask", "evict"])
+def test_decode_stage_with_beam_search_and_prefill_stages(mode):
+    model = tiny("qwen2_vl")
+    inputs = make_inputs(model, batch=2)
+    kw = dict(gen_kwargs(model), num_beams=3)
+    extra = ({"phase": "input", "keep": 0.5, "scorer": "random"}, {"layer": 2, "keep": 0.5})
+    with torch.no_grad():
+        ref = model.generate(**inputs, **kw)
+        with tokencomp.apply(model, recipe(1.0, mode)):
+            assert torch.equal(model.generate(**inputs, **kw).sequences, ref.sequences)
+        with tokencomp.apply(model, recipe(0.3, mode, layer=4, extra=extra)) as h:
+            out = model.generate(**inputs, **kw)
+            assert h.stats.vision_tokens_per_layer[0][0] < h.stats.sequence_length
+    assert out.sequences.shape == ref.sequences.shape
+
+
+@pytest.mark.parametrize(
+    "stage, message",
+    [
+        ({"phase": "decode", "layer": 3, "keep": 0.5, "scorer": "fastv"}, "takes no `scorer:`"),
+        ({"phase": "decode", "layer": 3, "keep": 0.5, "mode": "drop"}, "mode must be one of mask, evict"),
+        ({"layer": 3, "keep": 0.5, "mode": "mask"}, "`mode:` is for decode stages"),
+        ({"phase": "decode", "keep": 0.5}, "missing 'layer'"),
+    ],
+)
+def test_decode_stage_recipe_errors(stage, message):
+    with pytest.raises(RecipeError, match=message):
+        tokencomp.load_recipe({"schedule": {"stages": [stage]}})
+
+
+def test_decode_and_prefill_stages_may_share_a_layer_and_describe_themselves():
+    rec = tokencomp.load_recipe(recipe(0.3, "evict", extra=({"layer": 3, "keep": 0.5},)))
+    text = rec.describe(6)
+    assert "layer   3: keep 0.5" in text and "decode, layer   3+: attend to 0.3 of the cached vision tokens (evict)" in text
