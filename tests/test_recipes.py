@@ -84,7 +84,7 @@ CASES = [
     ("empty", "", 1, r"the recipe is empty"),
     ("blank", "\n   \n", 1, r"the recipe is empty"),
     ("only-comments", "# a recipe\n\n# to come\n", 1, r"the recipe is empty"),
-    ("list-document", "\n- {layer: 3, keep: 0.5}\n", 2, r"a recipe must be a mapping with keys name, description, scorer, selector, schedule; got a list"),
+    ("list-document", "\n- {layer: 3, keep: 0.5}\n", 2, r"a recipe must be a mapping with keys name, description, scorer, selector, schedule, newlines; got a list"),
     ("scalar-document", "just some words\n", 1, r"must be a mapping .*got str 'just some words'"),
     ("null-document", "---\n", 1, r"must be a mapping .*got null"),
     # named schedules

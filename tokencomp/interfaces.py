@@ -245,6 +245,11 @@ class ModelAdapter(_Plugin):
         groups = torch.cumsum(starts.long(), dim=1) - 1
         return torch.where(vision_mask, groups, torch.full_like(groups, -1))
 
+    def row_markers(self, model, embeds: torch.Tensor, vision_mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """``(B, L)`` bool: vision tokens that only mark the end of a grid row (LLaVA-NeXT's
+        ``image_newline``), found on the decoder's input embeddings; None if the family has none."""
+        return None
+
     def signal_names(self, model) -> tuple[str, ...]:
         """Vision-tower signals this adapter can compute for ``model`` (default: none). Known names:
 

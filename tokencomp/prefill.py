@@ -56,6 +56,8 @@ class Prefill:
         self.cache: Any = None
         self.cache_meta: Optional[CacheMeta] = None
         self._layer_meta: Optional[LayerMeta] = None  # shared by the compacted layers of the last stage
+        self.markers: Optional[torch.Tensor] = None  # (B, L) row-end tokens (image_newline) under a keep/rows policy
+        self.rows: Optional[torch.Tensor] = None  # (B, L) grid row of every token
 
     # ------------------------------------------------------------------ hooks' entry points
 
@@ -68,6 +70,11 @@ class Prefill:
             self.full = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
             if h.decode_stages and self.cache is not None:
                 self._cache_meta()  # decode stages need the metadata even if the prefill drops nothing
+            if h.recipe.newlines != "candidate":
+                self.markers = h.adapter.row_markers(h.model, hidden, self.is_vision)
+                if self.markers is not None:
+                    # a token's grid row: the markers before it (a marker ends its own row)
+                    self.rows = torch.cumsum(self.markers.long(), 1) - self.markers.long()
             if any(s.scorer.needs_embeddings for s in h.stages):
                 self.embeddings = hidden
         stage = h.stage_at.get(i)
@@ -139,6 +146,8 @@ class Prefill:
         emb = self.embeddings
         if emb is not None and self.idx is not None:
             emb = M.gather_seq(emb, idx, 1)
+        if self.markers is not None:
+            pinned = pinned | self.markers.gather(1, idx)  # row ends follow the recipe's newline policy
         return LayerView(
             layer=layer,
             hidden=hidden,
@@ -238,14 +247,15 @@ class Prefill:
             summary = torch.minimum(summary, dropped.sum(1))
             hidden, slots = _merge(merger, stage, view, versions, kept, dropped, summary)
             kept = kept | slots
-        stay = ~is_vision_cur | pinned | kept
+        markers = self._markers_kept(idx, kept) if self.markers is not None else torch.zeros_like(kept)
+        stay = ~is_vision_cur | pinned | kept | markers
         # Ragged batch: short rows are filled with the next-best dropped vision tokens, marked dead.
         rank = torch.where(cand, scores.float(), torch.full_like(scores, -1e30, dtype=torch.float32))
         order, self.alive = compact(stay, is_vision_cur & ~stay, rank)
         self.idx = idx.gather(1, order)
         self._layer_meta = LayerMeta(self.idx, self.alive, has_dead=not bool(self.alive.all()))
         hidden = M.gather_seq(hidden, order, 1)
-        self.counts[stage.layer] = kept.sum(1) + pinned.sum(1)
+        self.counts[stage.layer] = kept.sum(1) + pinned.sum(1) + markers.sum(1)
         self.kept[stage.layer] = _rows(self.idx, self.alive & self.is_vision.gather(1, self.idx))
         if slots is not None:
             self.slots[stage.layer] = _rows(idx, slots)
@@ -261,6 +271,18 @@ class Prefill:
             meta = CacheMeta(weakref.ref(self.handle), self.length, {}, self.is_vision, self.valid, self.last)
             attach(self.cache, meta)
         self.cache_meta = meta
+
+    def _markers_kept(self, idx, kept) -> torch.Tensor:
+        """The live row-end tokens that stay: all (``keep``) or those of rows keeping a token (``rows``)."""
+        markers = self.markers.gather(1, idx)
+        if self.alive is not None:
+            markers &= self.alive
+        if self.handle.recipe.newlines == "keep":
+            return markers
+        rows = self.rows.gather(1, idx)
+        per_row = torch.zeros(rows.shape[0], self.length + 1, dtype=torch.long, device=rows.device)
+        per_row.scatter_add_(1, rows, kept.long())
+        return markers & (per_row.gather(1, rows) > 0)
 
     def _replayed(self, replay, layer: int, idx, cand) -> torch.Tensor:
         """The selection recorded for ``layer`` (summary slots excluded: the merger makes them again)."""

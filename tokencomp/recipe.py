@@ -37,7 +37,8 @@ from .interfaces import Schedule, Scorer, Selector, Stage
 from .plugins import registry
 
 EXPLICIT = "explicit"  # the schedule plugin that holds `stages:` lists (the recipe format itself)
-TOP_KEYS = ("name", "description", "scorer", "selector", "schedule")
+TOP_KEYS = ("name", "description", "scorer", "selector", "schedule", "newlines")
+NEWLINE_POLICIES = ("candidate", "keep", "rows")
 STAGE_KEYS = ("layer", "phase", "keep", "scorer", "selector", "merge", "mode")
 PHASES = ("input", "prefill", "decode")
 DECODE_MODES = ("mask", "evict")
@@ -512,6 +513,10 @@ class Recipe:
     name: Optional[str] = None
     description: Optional[str] = None
     line: Optional[int] = dataclasses.field(default=None, compare=False)
+    newlines: str = "candidate"
+    """LLaVA-NeXT / OneVision ``image_newline`` tokens (row ends of the anyres grids): ``candidate``
+    (ranked like any vision token: what in-LLM methods such as V²Drop and PDrop do), ``keep`` (never
+    dropped) or ``rows`` (kept exactly for the grid rows that keep a token: FastVID, HoliTom)."""
 
     def stages(self, num_layers: int) -> list[Stage]:
         """Stages for a decoder with ``num_layers`` layers, defaults filled in.
@@ -559,6 +564,77 @@ class Recipe:
             for s in self.stages(num_layers)
         )
 
+    @classmethod
+    def of(
+        cls,
+        scorer: Union[Scorer, str, dict, None] = None,
+        selector: Union[Selector, str, dict, None] = None,
+        stages: Optional[Any] = None,
+        *,
+        schedule: Union[Schedule, str, dict, None] = None,
+        name: Optional[str] = None,
+        description: Optional[str] = None,
+    ) -> "Recipe":
+        """A recipe from Python objects, the same :class:`Recipe` a YAML file gives::
+
+            Recipe.of(scorer=V2DropScorer(), stages=[(3, 0.5), (17, 0.3), (22, 0.0)])
+            Recipe.of(stages=[Stage(0, 0.5, scorer=ClsAttentionScorer(), merger=ContextualMerger(tokens=10)), (3, 0.5)])
+
+        ``scorer`` / ``selector``: plugin instances (or a name / ``{name: ..., <params>}`` like in YAML);
+        left out, the registry's defaults. ``stages``: ``(layer, keep)`` tuples or :class:`Stage` objects,
+        layer 0 being the input stage (``phase: input``); or ``schedule``: a schedule instance or spec
+        (default: the registry's default schedule when neither is given). Checked like a YAML recipe
+        (:class:`RecipeError`)."""
+        from .interfaces import Merger
+
+        source = "<Recipe.of>"
+
+        def plugin(kind, value, base):
+            if value is None:
+                value = _default(kind, source)
+            if isinstance(value, (str, dict)):
+                return make_plugin(kind, _annotate(value), source, None)
+            if not isinstance(value, base):
+                raise RecipeError(f"{kind} must be a {base.__name__} instance, a name or a mapping; got {value!r}", source=source)
+            return value
+
+        scorer, selector = plugin("scorer", scorer, Scorer), plugin("selector", selector, Selector)
+        if stages is not None and schedule is not None:
+            raise RecipeError("give `stages` or `schedule`, not both", source=source)
+        if stages is None:
+            sched = plugin("schedule", schedule, Schedule)
+            return cls(scorer, selector, sched, source, name, description)
+        if isinstance(stages, (Stage, tuple)) and not (isinstance(stages, tuple) and stages and isinstance(stages[0], (Stage, tuple, list))):
+            stages = [stages]
+        items, prev = [], None
+        for i, st in enumerate(list(stages)):
+            if isinstance(st, (tuple, list)):
+                if len(st) != 2:
+                    raise RecipeError(f"stage {i} must be a (layer, keep) pair or a Stage, got {st!r}", source=source)
+                layer = coerce(st[0], int, f"stage {i} layer", source, None)
+                if layer < 0:
+                    raise RecipeError(f"stage {i} layer must be >= 0 (0: the input stage), got {layer}", source=source)
+                st = Stage(layer, _check_keep(st[1], source, None))
+            elif isinstance(st, Stage):
+                _check_keep(st.keep, source, None)
+                for attr, base in (("scorer", Scorer), ("selector", Selector), ("merger", Merger)):
+                    value = getattr(st, attr)
+                    if value is not None and not isinstance(value, base):
+                        raise RecipeError(f"stage {i} {attr} must be a {base.__name__} instance, got {value!r}", source=source)
+                if st.decode is not None and st.decode not in DECODE_MODES:
+                    raise RecipeError(f"stage {i} decode mode must be one of {', '.join(DECODE_MODES)}, got {st.decode!r}", source=source)
+            else:
+                raise RecipeError(f"stage {i} must be a (layer, keep) pair or a Stage, got {st!r}", source=source)
+            if st.decode is None:
+                if prev is not None and st.layer <= prev:
+                    raise RecipeError(f"stage layers must be strictly increasing: {st.layer} follows {prev}", source=source)
+                prev = st.layer
+            items.append(st)
+        if not items:
+            raise RecipeError("stages must be a non-empty list of (layer, keep) pairs or Stage objects", source=source)
+        sched = _instantiate(registry().get("schedule", EXPLICIT), {"stages_": tuple(items)}, "schedule", source, None)
+        return cls(scorer, selector, sched, source, name, description)
+
 
 def _what(value: Any) -> str:
     """Kind of a parsed YAML value, in YAML words."""
@@ -604,7 +680,12 @@ def _from_tree(tree: Any, source: str) -> Recipe:
         schedule = _instantiate(registry().get("schedule", EXPLICIT), {"stages_": stages}, "schedule", source, sline)
     else:
         schedule = _make_schedule(sched_spec, source, sline)
-    return Recipe(scorer, selector, schedule, source, tree.get("name"), tree.get("description"), line=sline)
+    newlines = tree.get("newlines", "candidate")
+    if newlines not in NEWLINE_POLICIES:
+        raise RecipeError(
+            f"newlines must be one of {', '.join(NEWLINE_POLICIES)}, got {newlines!r}", source=source, line=lines.get("newlines", 1)
+        )
+    return Recipe(scorer, selector, schedule, source, tree.get("name"), tree.get("description"), line=sline, newlines=newlines)
 
 
 def _default(kind: str, source: str) -> str:

@@ -23,6 +23,14 @@ class LlavaAdapter(ModelAdapter):
     name = "llava"
     model_classes = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 
+    def row_markers(self, model, embeds, vision_mask):
+        newline = getattr(getattr(model, "model", model), "image_newline", None)
+        if newline is None:
+            return None
+        # The model writes its image_newline vector itself into these slots; no patch feature equals
+        # it exactly.
+        return (embeds == newline.to(embeds.dtype)).all(-1) & vision_mask
+
     def signal_names(self, model):
         # NeXT's anyres tiles are unpadded and get newline rows: no 1:1 patch map (yet).
         plain = type(model).__name__ == "LlavaForConditionalGeneration"
