@@ -10,7 +10,8 @@ import torch
 def tokens_per_layer(stages: Sequence, num_layers: int, n: int, min_keep: int = 0) -> list[int]:
     """Vision tokens entering each of ``num_layers`` layers when ``n`` enter layer 0 and each stage
     keeps ``floor(current * keep)`` (at least ``min_keep``, at most the current count)."""
-    by_layer = {s.layer: s.keep for s in stages}
+    # Decode stages change what later tokens attend to, not what the prefill processes.
+    by_layer = {s.layer: s.keep for s in stages if not getattr(s, "decode", None)}
     counts, cur = [], n
     for layer in range(num_layers):
         if layer in by_layer:
