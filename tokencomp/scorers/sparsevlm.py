@@ -2,7 +2,8 @@
 similarity) rate the vision tokens with their averaged attention rows at the previous layer.
 
 Raters: ``M = softmax_text(V · Tᵀ)`` on the input embeddings, averaged over vision tokens; text
-tokens whose score is above the mean are raters. Recycling (token merging) is not included.
+tokens whose score is above the mean are raters. Recycling (pruned tokens clustered and added
+back) is the ``recycle`` merger (tokencomp/mergers/recycle.py; recipes ``sparsevlm/*-recycle``).
 """
 
 from __future__ import annotations
