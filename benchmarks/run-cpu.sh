@@ -1,18 +1,37 @@
 #!/usr/bin/env bash
-# The CPU benchmark scenarios of BENCHMARKS.md. Each writes benchmarks/cpu/<name>.json and .log;
-# `python benchmarks/tables.py benchmarks/cpu` turns the JSON into the tables.
+# The CPU benchmark scenarios of BENCHMARKS.md (a shared 2-core machine: small shapes, 3 rounds).
+# Each writes benchmarks/results/<table>/<name>.json and .log; then
+#   python benchmarks/tables.py benchmarks/results/cpu --update BENCHMARKS.md
+#   python benchmarks/tables.py benchmarks/results/scaling --scaling --update BENCHMARKS.md
+# Usage: benchmarks/run-cpu.sh [cpu|scaling|input]...   (default: all three groups)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=benchmarks/cpu; mkdir -p "$out"
 TC=${TC:-.venv/bin/tokencomp}
-LLAVA="llava-1.5-7b:hidden=512,heads=8,kv_heads=8,intermediate=1376"       # 32 layers, as LLaVA-1.5-7B
-OV="llava-onevision-7b:hidden=512,heads=8,kv_heads=2,intermediate=2368"    # 28 layers, GQA 4:1, as OneVision-7B
-run() { name=$1; shift; echo "== $name: $*"; "$TC" bench "$@" --json "$out/$name.json" > "$out/$name.log" 2>&1; tail -n 16 "$out/$name.log"; }
-run v2drop-192-576   v2drop/llava-1.5-7b-192   --synthetic "$LLAVA" --vision-tokens 576  --repeat 5 --new-tokens 8
-run v2drop-128-576   v2drop/llava-1.5-7b-128   --synthetic "$LLAVA" --vision-tokens 576  --repeat 5 --new-tokens 8
-run v2drop-64-576    v2drop/llava-1.5-7b-64    --synthetic "$LLAVA" --vision-tokens 576  --repeat 5 --new-tokens 8
-run fastv-k2-576     fastv/llava-1.5-7b-k2-r50 --synthetic "$LLAVA" --vision-tokens 576  --repeat 5 --new-tokens 8
-run v2drop-128-2880  v2drop/llava-1.5-7b-128   --synthetic "$LLAVA" --vision-tokens 2880 --repeat 3 --new-tokens 4
-run fastv-k2-2880    fastv/llava-1.5-7b-k2-r50 --synthetic "$LLAVA" --vision-tokens 2880 --repeat 3 --new-tokens 4
-run v2drop-ov25-6272 v2drop/llava-onevision-7b-video-25 --synthetic "$OV" --vision-tokens 6272 --repeat 2 --new-tokens 2
-run fastv-k2-6272    fastv/llava-1.5-7b-k2-r50 --synthetic "$OV" --vision-tokens 6272 --repeat 2 --new-tokens 2
+# LLaVA-1.5-7B's head layout (32 heads, MHA) and MLP ratio, 8 of its 32 layers, width 512: the
+# attention matrix of the peer variant has the real head count; a 2-core CPU finishes in minutes.
+L8="llava-1.5-7b:layers=8,hidden=512,heads=32,kv_heads=32,intermediate=1376"
+# Smaller still, for the long prompts of the scaling and input-stage runs: 4 layers, width 256/512.
+L4="llava-1.5-7b:layers=4,hidden=256,heads=8,kv_heads=8,intermediate=688"
+L4W="llava-1.5-7b:layers=4,hidden=512,heads=8,kv_heads=8,intermediate=1376"
+PDROP8="{name: pdrop/8-layer, scorer: pdrop, schedule: {stages: [{layer: 2, keep: 0.5}, {layer: 4, keep: 0.5}, {layer: 6, keep: 0.5}]}}"
+FASTV4="{name: fastv/4-layer-k1-r25, scorer: fastv, selector: topk, schedule: {stages: [{layer: 1, keep: 0.25}]}}"
+INPUT="{name: input-uniform-0.3334, schedule: {stages: [{phase: input, keep: 0.3334, scorer: uniform}]}}"
+run() { dir=$1; name=$2; shift 2; mkdir -p "benchmarks/results/$dir"; echo "== $dir/$name: $*"
+        "$TC" bench "$@" --json "benchmarks/results/$dir/$name.json" --quiet > "benchmarks/results/$dir/$name.log" 2>&1
+        tail -n 12 "benchmarks/results/$dir/$name.log"; }
+groups=("${@:-cpu input scaling}"); groups=(${groups[*]})
+for g in "${groups[@]}"; do case $g in
+cpu)
+  run cpu fastv-k2-576   fastv/llava-1.5-7b-k2-r50 --synthetic "$L8" --vision-tokens 576 --repeat 3 --new-tokens 4
+  run cpu pdrop-576      "$PDROP8"                 --synthetic "$L8" --vision-tokens 576 --repeat 3 --new-tokens 4 ;;
+input)  # issue 15's example (an input stage keeping a third), on the 4-layer width-512 shape
+  run cpu input-2880 "$INPUT" --synthetic "$L4W" --vision-tokens 2880 --repeat 3 --new-tokens 2 ;;
+scaling)
+  for n in 576 1152 2880 5760; do
+    run scaling fastv-k1-$n-b1 "$FASTV4" --synthetic "$L4" --vision-tokens $n --repeat 3 --new-tokens 2 --no-peer
+  done
+  for b in 2 4; do
+    run scaling fastv-k1-576-b$b "$FASTV4" --synthetic "$L4" --vision-tokens 576 --batch $b --repeat 3 --new-tokens 2 --no-peer
+  done ;;
+*) echo "unknown group $g (cpu, input, scaling)" >&2; exit 2 ;;
+esac; done

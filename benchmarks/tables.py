@@ -1,8 +1,14 @@
 """Render the tables of BENCHMARKS.md from the JSON files `tokencomp bench --json` wrote.
 
-    python benchmarks/tables.py benchmarks/cpu                 # print the table
-    python benchmarks/tables.py benchmarks/cpu --update BENCHMARKS.md
+    python benchmarks/tables.py benchmarks/results/cpu                  # print the table
+    python benchmarks/tables.py benchmarks/results/cpu --update BENCHMARKS.md
         # replace the text between <!-- table:cpu --> and <!-- /table:cpu --> with it
+    python benchmarks/tables.py benchmarks/results/scaling --scaling --update BENCHMARKS.md
+        # the scaling tables: ratios as vision tokens grow (batch 1) and as the batch grows
+    python benchmarks/tables.py benchmarks/results/gpu --gpu --update BENCHMARKS.md
+        # the GPU efficiency comparison (benchmarks/gpu.sh runs it)
+
+The tag is the folder's name. Tables are generated from the result files only: never edit them by hand.
 """
 
 import argparse
@@ -13,37 +19,140 @@ from pathlib import Path
 from tokencomp.bench import MARKDOWN_HEADER, format_markdown_row
 
 
-def table(folder: Path) -> str:
+def load(folder: Path) -> list:
     reps = [rep for path in sorted(folder.glob("*.json")) for rep in json.loads(path.read_text())]
-    reps.sort(key=lambda r: (r["vision_tokens"], r["recipe"]))
+    reps.sort(key=lambda r: (r["vision_tokens"], r.get("batch", 1), r["recipe"]))
+    return reps
+
+
+def preamble(reps: list) -> str:
+    first = reps[0]
+    models = ", ".join(sorted({r.get("model_spec", r["model"]) for r in reps}))
+    rounds = sorted({r["repeat"] for r in reps})
+    return (
+        f"Device {first['device']}, {first['dtype']}, {first['attn']}, {first['threads']} threads; models: {models}; "
+        f"{'/'.join(map(str, rounds))} timed rounds after a warm-up. Intervals are those of the median of the paired "
+        "per-round ratios (75% for 3 rounds); a ratio is only known to within its interval."
+    )
+
+
+def table(folder: Path) -> str:
+    reps = load(folder)
     if not reps:
         return "(no results)"
-    first = reps[0]
-    lines = [
-        f"Device {first['device']}, {first['dtype']}, {first['attn']}, {first['threads']} threads; "
-        f"models: {', '.join(sorted({r.get('model_spec', r['model']) for r in reps}))}.",
-        "",
-        MARKDOWN_HEADER,
-    ]
+    lines = [preamble(reps), "", MARKDOWN_HEADER]
     lines += [format_markdown_row(r) for r in reps]
+    warned = [(r, w) for r in reps for w in r.get("warnings", [])]
+    if warned:
+        lines += ["", "Noise warnings of these runs:", ""]
+        lines += [f"* {r['recipe']} @ {r['vision_tokens']}×{r.get('batch', 1)}: {w}" for r, w in warned]
     return "\n".join(lines)
+
+
+def _ci(entry, min_based: bool = False) -> str:
+    if not entry:
+        return "-"
+    tail = f" min {entry['min_based']:.3f}" if min_based and "min_based" in entry else ""
+    return f"{entry['median']:.3f} [{entry['ci'][0]:.3f}-{entry['ci'][1]:.3f}]{tail}"
+
+
+SCALING_HEADER = (
+    "| recipe | vision tokens | batch | FLOP ratio | prefill ratio [interval] min-based | limit ratio | tokencomp ÷ limit [interval] min-based "
+    "| decode tok/s ratio [interval] | KV-cache ratio | untouched prefill ms | prefill noise (untouched / recipe) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def scaling_row(r: dict) -> str:
+    ratios = r.get("ratios", {})
+    dec = ratios.get("recipe/untouched", {}).get("decode")
+    tps = {"median": 1 / dec["median"], "ci": [1 / dec["ci"][1], 1 / dec["ci"][0]]} if dec else None
+    lim = r.get("limit") or {}
+    v = r["variants"]
+    return (
+        f"| {r['recipe']} | {r['vision_tokens']} | {r['batch']} | {r['flop_ratio']:.3f} "
+        f"| {_ci(ratios['recipe/untouched']['prefill'], True)} | {lim.get('prefill_ratio', float('nan')):.3f} "
+        f"| {_ci(ratios.get('recipe/limit', {}).get('prefill'), True)} | {_ci(tps)} | {r['metrics']['kv_cache_bytes']['ratio']:.3f} "
+        f"| {1000 * v['untouched']['prefill_s']['median']:.0f} "
+        f"| {v['untouched']['prefill_s']['noise']:.2f} / {v['recipe']['prefill_s']['noise']:.2f} |"
+    )
+
+
+def scaling(folder: Path) -> str:
+    reps = load(folder)
+    if not reps:
+        return "(no results)"
+    by_tokens = [r for r in reps if r["batch"] == 1]
+    by_batch = sorted((r for r in reps if r["vision_tokens"] == min(x["vision_tokens"] for x in reps)), key=lambda r: r["batch"])
+    lines = [preamble(reps), "", "**As the vision tokens grow** (batch 1):", "", SCALING_HEADER]
+    lines += [scaling_row(r) for r in by_tokens]
+    lines += ["", f"**As the batch grows** ({by_batch[0]['vision_tokens']} vision tokens):", "", SCALING_HEADER]
+    lines += [scaling_row(r) for r in by_batch]
+    return "\n".join(lines)
+
+
+GPU_HEADER = (
+    "| variant | avg vision tokens / layer | prefill ms [min-max] | prefill ratio [interval] | decode tok/s | decode ratio "
+    "| peak MiB above weights | KV-cache MiB |\n|---|---|---|---|---|---|---|---|"
+)
+
+
+def gpu_table(folder: Path) -> str:
+    """The paper's efficiency comparison: untouched, V²Drop, FastV as its original code (full
+    attention matrix: the ``peer`` variant) and FastV with tokencomp's probes, from the result files
+    ``benchmarks/gpu.sh`` writes (every file has its own untouched run; the first is shown)."""
+    reps = load(folder)
+    if not reps:
+        return "(no results)"
+    rows = []
+
+    def row(label, rep, name, avg):
+        v = rep["variants"][name]
+        p, d = v["prefill_s"], v["decode_s"]
+        base = rep["variants"]["untouched"]
+        ratio = rep["ratios"].get(f"{name}/untouched", {}).get("prefill") if name != "untouched" else None
+        tps = rep["batch"] * rep["new_tokens"] / d["median"] if d["n"] else float("nan")
+        base_tps = rep["batch"] * rep["new_tokens"] / base["decode_s"]["median"]
+        rows.append(
+            f"| {label} | {avg:.1f} | {1000 * p['median']:.1f} [{1000 * p['min']:.1f}-{1000 * p['max']:.1f}] "
+            f"| {_ci(ratio) if ratio else '1'} | {tps:.1f} | {tps / base_tps:.3f} "
+            f"| {(v['peak_memory_bytes'] or 0) / 2**20:.0f} | {v['kv_cache_bytes'] / 2**20:.0f} |"
+        )
+
+    row("untouched", reps[0], "untouched", reps[0]["vision_tokens"])
+    for rep in reps:
+        avg = rep["average_vision_tokens"]
+        if "peer" in rep["variants"]:
+            row(f"{rep['recipe']} — original code (full attention matrix)", rep, "peer", avg)
+            row(f"{rep['recipe']} — tokencomp (q/k probes)", rep, "recipe", avg)
+        else:
+            row(f"{rep['recipe']} — tokencomp", rep, "recipe", avg)
+        if "limit" in rep["variants"]:
+            row(f"{rep['recipe']} — physical limit (bare layers)", rep, "limit", avg)
+    return "\n".join([preamble(reps), "", GPU_HEADER] + rows)
+
+
+def update(doc_path: Path, tag: str, text: str) -> None:
+    doc = doc_path.read_text()
+    pattern = re.compile(rf"(<!-- table:{tag} -->\n)(?:.*?\n)?(<!-- /table:{tag} -->)", re.S)
+    if not pattern.search(doc):
+        raise SystemExit(f"{doc_path} has no <!-- table:{tag} --> markers")
+    doc_path.write_text(pattern.sub(lambda m: m.group(1) + text + "\n" + m.group(2), doc))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("folder", type=Path)
     ap.add_argument("--update", type=Path)
+    ap.add_argument("--scaling", action="store_true", help="render the scaling tables")
+    ap.add_argument("--gpu", action="store_true", help="render the GPU efficiency comparison (benchmarks/gpu.sh)")
+    ap.add_argument("--tag", help="marker name (default: the folder's name)")
     args = ap.parse_args()
-    text = table(args.folder)
+    text = scaling(args.folder) if args.scaling else gpu_table(args.folder) if args.gpu else table(args.folder)
     if not args.update:
         print(text)
         return
-    tag = args.folder.name
-    doc = args.update.read_text()
-    pattern = re.compile(rf"(<!-- table:{tag} -->\n).*?(\n<!-- /table:{tag} -->)", re.S)
-    if not pattern.search(doc):
-        raise SystemExit(f"{args.update} has no <!-- table:{tag} --> markers")
-    args.update.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), doc))
+    update(args.update, args.tag or args.folder.name, text)
 
 
 if __name__ == "__main__":

@@ -277,3 +277,45 @@ def test_bench_interrupted_carries_the_complete_rounds(monkeypatch):
     assert rep["vision_tokens_per_layer"] == [8, 8, 4, 4]
     assert "PARTIAL: interrupted after 2 of 3 rounds" in format_report(rep)
     tokencomp.apply(model, recipe).remove()  # the interrupted round's hooks were removed: applies again
+
+
+def test_gpu_script_dry_run_and_tables(tmp_path):
+    """benchmarks/gpu.sh: --dry-run prints the FA2 tests, both benches and the table update without a
+    GPU; without one and without --dry-run it refuses. The GPU table renders bench results."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "gpu.sh"
+    dry = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    cmds = [l for l in dry.stdout.splitlines() if l.startswith("+ ")]
+    assert len(cmds) == 4
+    assert "tests/test_flash_path.py" in cmds[0]
+    assert "v2drop/llava-1.5-7b-128" in cmds[1] and "--no-peer" in cmds[1]
+    assert "fastv" in cmds[2] and "--no-peer" not in cmds[2]
+    for c in cmds[1:3]:
+        assert "heads=32" in c and "float16" in c and "cuda" in c and "576" in c
+    assert "--gpu" in cmds[3] and "BENCHMARKS.md" in cmds[3]
+    if not torch.cuda.is_available():
+        real = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+        assert real.returncode == 3 and "no CUDA GPU" in real.stderr
+
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import tables
+    finally:
+        sys.path.pop(0)
+    model = build_synthetic("llava-1.5-7b:layers=4,hidden=64,heads=4,kv_heads=2,intermediate=128")
+    for name, recipe in (("v2drop", {"scorer": "v2drop", "schedule": {"stages": [{"layer": 2, "keep": 0.5}]}}), ("fastv", FASTV)):
+        rep = bench(model, recipe, vision_tokens=8, text_tokens=2, new_tokens=1, repeat=1, progress=False)
+        (tmp_path / f"{name}.json").write_text(json.dumps([rep]))
+    text = tables.gpu_table(tmp_path)
+    assert text.count("\n| ") == 1 + 1 + 2 + 3  # header, untouched, v2drop + limit, fastv original / probes / limit
+    assert "original code (full attention matrix)" in text and "q/k probes" in text
+    assert "| recipe |" in tables.table(tmp_path)
+    doc = tmp_path / "B.md"
+    doc.write_text("x\n<!-- table:gpu -->\nold\n<!-- /table:gpu -->\ny\n")
+    tables.update(doc, "gpu", text)
+    assert "old" not in doc.read_text() and "q/k probes" in doc.read_text()

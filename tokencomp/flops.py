@@ -8,6 +8,25 @@ Per decoder layer processing ``n`` new tokens against ``c`` cached ones (multipl
 
 Embedding, final norm, LM head and the vision tower are left out: they are the same with and
 without compression. KV-cache bytes: ``Σ_l 2·Hkv·d·n_l·bytes_per_element``.
+
+How exact it is:
+
+* **projections and MLP: exact** — every multiply-add of the dense matrix products is counted, and
+  they scale linearly with the tokens a layer processes;
+* **attention: the causal triangle** — query ``i`` is charged for the ``c + i`` keys it may see,
+  i.e. ``n·c + n(n+1)/2`` query-key pairs, not the ``n·(c + n)`` square. That is the arithmetic a
+  causal kernel must do. Kernels that skip fully masked tiles (FlashAttention-2, the flash kernels
+  behind PyTorch SDPA with ``is_causal``) come close to it, up to their tile size; eager attention
+  and SDPA's math fallback compute the whole square and mask it, about twice the counted work;
+* **left out**: softmax, RMSNorm, RoPE, residual adds and the MLP activation (element-wise,
+  ``O(n·D)`` or ``O(H·n²)`` without a ``d`` factor), and the fixed per-layer cost of launching the
+  kernels, which does not shrink with the token count (it dominates decode steps and short
+  prefills on a CPU). Time ÷ FLOP ratios above 1 at small token counts come from these.
+
+``tokencomp bench`` also measures the *physical limit* of a token schedule (the bare decoder layers
+fed exactly the schedule's tokens, see :func:`tokencomp.bench.limit_prefill`), which carries the same
+fixed costs: ``tokencomp ÷ limit`` is the overhead of the method itself, ``limit ÷ FLOPs`` what the
+hardware makes of the schedule.
 """
 
 from __future__ import annotations
