@@ -4,33 +4,19 @@ Entry-point plugins installed in the developer's environment must not leak into 
 entry-point autoload is off for the whole session (set before tokencomp first loads its plugins,
 which happens lazily). A test that needs entry points unsets the variable with ``monkeypatch`` and
 calls ``tokencomp.plugins.reload_entrypoints()``; subprocesses get the environment they are given.
+
+The fixtures shared with plugin authors (``in_process_plugin``, ``tiny_models``, ``make_view``,
+``contract``) come from tokencomp's own pytest plugin, :mod:`tokencomp.pytest_plugin`.
 """
 
 import os
 
 os.environ["TOKENCOMP_DISABLE_PLUGIN_AUTOLOAD"] = "1"
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Tiny models are dominated by per-op overhead: one thread is faster, and does not fight other
 # processes for the cores (results are identical either way).
 torch.set_num_threads(1)
 
-
-@pytest.fixture
-def in_process_plugin():
-    """``register(obj, name)``: register a plugin object for this test only (unregistered afterwards)."""
-    import tokencomp.plugins
-
-    names = []
-
-    def register(obj, name, **kwargs):
-        names.append(tokencomp.plugins.register(obj, name=name, **kwargs))
-        return names[-1]
-
-    try:
-        yield register
-    finally:
-        for name in reversed(names):
-            tokencomp.plugins.unregister(name)
+pytest_plugins = ["tokencomp.pytest_plugin"]

@@ -33,6 +33,8 @@ __all__ = [
     "UnsupportedModelError",
     "UsageError",
     "shipped_recipes",
+    "methods",
+    "contract",
 ]
 
 
@@ -42,4 +44,8 @@ def __getattr__(name):
         from . import engine
 
         return getattr(engine, name)
+    if name in ("methods", "contract"):  # built-in plugin classes by name; the plugin contract checks
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'tokencomp' has no attribute {name!r}")

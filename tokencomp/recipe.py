@@ -577,11 +577,11 @@ class Recipe:
     ) -> "Recipe":
         """A recipe from Python objects, the same :class:`Recipe` a YAML file gives::
 
-            Recipe.of(scorer=V2DropScorer(), stages=[(3, 0.5), (17, 0.3), (22, 0.0)])
-            Recipe.of(stages=[Stage(0, 0.5, scorer=ClsAttentionScorer(), merger=ContextualMerger(tokens=10)), (3, 0.5)])
+            Recipe.of(scorer=MyScorer(), stages=[(3, 0.5), (17, 0.3), (22, 0.0)])
+            Recipe.of(stages=[Stage(0, 0.5, scorer=OtherScorer(), merger=MyMerger()), (3, 0.5)])
 
         ``scorer`` / ``selector``: plugin instances (or a name / ``{name: ..., <params>}`` like in YAML);
-        left out, the registry's defaults. ``stages``: ``(layer, keep)`` tuples or :class:`Stage` objects,
+        left out, the registry's defaults (classes by name: :mod:`tokencomp.methods`). ``stages``: ``(layer, keep)`` tuples or :class:`Stage` objects,
         layer 0 being the input stage (``phase: input``); or ``schedule``: a schedule instance or spec
         (default: the registry's default schedule when neither is given). Checked like a YAML recipe
         (:class:`RecipeError`)."""
