@@ -130,3 +130,60 @@ def test_negative_control_physical_cache_length(monkeypatch):
         with h.replay(h.stats.kept_positions):
             fresh = model.generate(**inputs, use_cache=False, **gen_kwargs(model))
     assert max_score_diff(cached, fresh) > 1e-3
+
+
+# ------------------------------------------------------------------ renumbered positions
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_renumbered_input_stage_equals_feeding_the_shorter_sequence(family, attn):
+    """What VisionZip/DivPrune's own code does: the model simply receives fewer tokens, numbered
+    contiguously. Reference: the untouched model on the kept tokens' embeddings alone."""
+    model = tiny(family, attn)
+    inputs = make_inputs(model, batch=1)
+    rec = recipe([{"phase": "input", "keep": 0.25, "scorer": "random", "renumber": True}])
+    with torch.no_grad(), tokencomp.apply(model, rec) as h:
+        got = model.generate(**inputs, **gen_kwargs(model))
+        kept_idx = h.stats.output_positions[0]
+    captured = {}
+    def grab(module, args, kwargs):
+        captured.setdefault("embeds", args[0] if args else kwargs["hidden_states"])
+
+    hook = model.get_decoder().layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    short = captured["embeds"][:, kept_idx]
+    with torch.no_grad():
+        ref = model.generate(inputs_embeds=short, attention_mask=torch.ones(1, short.shape[1], dtype=torch.long), **gen_kwargs(model))
+    n_new = len(got.scores)
+    assert torch.equal(got.sequences[0, -n_new:], ref.sequences[0, -n_new:])
+    assert max_score_diff(got, ref) < 1e-4
+
+
+def test_renumbering_differs_from_original_positions_and_batch_equals_single():
+    model = tiny("llava")
+    inputs = make_inputs(model, batch=3)
+    stages = [{"phase": "input", "keep": 0.25, "scorer": "uniform", "renumber": True}, {"layer": 3, "keep": 0.5}]
+    with torch.no_grad():
+        with tokencomp.apply(model, recipe(stages)) as h:
+            renum = model.generate(**inputs, **gen_kwargs(model))
+            n_new = len(renum.scores)
+            for b in range(3):
+                solo = model.generate(**take_sample(inputs, b), **gen_kwargs(model))
+                assert torch.equal(solo.sequences[0, -n_new:], renum.sequences[b, -n_new:])
+                for x, y in zip(solo.scores, renum.scores):
+                    finite = torch.isfinite(x[0])
+                    assert (x[0][finite] - y[b][finite]).abs().max() < 1e-4
+        stages[0] = dict(stages[0], renumber=False)
+        with tokencomp.apply(model, recipe(stages)):
+            original = model.generate(**inputs, **gen_kwargs(model))
+    assert max_score_diff(renum, original) > 1e-4
+
+
+def test_renumber_is_refused_for_m_rope_and_outside_input_stages():
+    with pytest.raises(tokencomp.UnsupportedModelError, match="renumber"):
+        tokencomp.apply(tiny("qwen2_vl"), recipe([{"phase": "input", "keep": 0.5, "scorer": "random", "renumber": True}]))
+    with pytest.raises(RecipeError, match="`renumber:` is for input stages"):
+        tokencomp.load_recipe(recipe([{"layer": 2, "keep": 0.5, "renumber": True}]))

@@ -42,6 +42,7 @@ class CacheMeta:
     valid: torch.Tensor  # (B, prefill_len) real (non-padding) tokens of the prompt
     last: torch.Tensor  # (B,) index of each prompt's last real token (never hidden)
     budgets: dict = field(default_factory=dict)  # evicting decode stage layer -> (B,) tokens it keeps
+    position_shift: Optional[torch.Tensor] = None  # (B,) positions a renumbering input stage removed
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         for meta in {id(m): m for m in self.layers.values()}.values():  # once per stage
@@ -51,6 +52,8 @@ class CacheMeta:
             t = getattr(self, name)
             setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
         self.budgets = {k: v.index_select(0, beam_idx.to(v.device)) for k, v in self.budgets.items()}
+        if self.position_shift is not None:
+            self.position_shift = self.position_shift.index_select(0, beam_idx.to(self.position_shift.device))
 
 
 def meta_of(cache) -> Optional[CacheMeta]:
@@ -134,6 +137,20 @@ class Decode:
         self._masks: dict = {}  # (id(LayerMeta), hidden-by) -> this step's mask
         self._q: dict[int, torch.Tensor] = {}  # layer -> this step's q projection (decode stages' probes)
         self._hidden: list = []  # (first layer, (B, total) original positions hidden from it on) this step
+
+    def shift_positions(self, kwargs: dict) -> dict:
+        """After a renumbering input stage, new tokens continue the renumbered positions."""
+        shift = self.cache_meta.position_shift
+        if shift is None:
+            return kwargs
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+            start = kwargs.get("cache", kwargs.get("past_key_values")).get_seq_length()  # logical length
+            pos = torch.arange(start, start + ref.shape[1], device=shift.device).expand(ref.shape[0], -1)
+        kwargs = dict(kwargs)
+        kwargs["position_ids"] = pos - shift.to(pos.device)[:, None]
+        return kwargs
 
     def captured(self, layer_idx: int, name: str, output) -> None:
         """A probed layer's q projection ran for this step's tokens."""

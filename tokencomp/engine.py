@@ -108,6 +108,11 @@ class Handle:
             )
         if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
             raise UnsupportedModelError("torch.compile'd models are not supported: apply before compiling is not possible either")
+        if any(s.renumber for s in self.stages) and not self.adapter.renumber:
+            raise UnsupportedModelError(
+                f"renumber: the {self.adapter.name!r} adapter's positions are not one number per token "
+                f"({type(model).__name__}); keep original positions (drop `renumber:`)"
+            )
         self._signals = sorted({n for s in self.stages for n in s.scorer.signals})
         missing = [n for n in self._signals if n not in self.adapter.signal_names(model)]
         if missing:
@@ -252,6 +257,8 @@ class Handle:
             stack = []
             self._tls.stack = stack
         state = self._start(args, kwargs)
+        if isinstance(state, Decode):
+            kwargs = state.shift_positions(kwargs)
         stack.append(state)
         try:
             out = inner(*args, **kwargs)

@@ -186,6 +186,9 @@ class Stage:
     """Recipe line this stage came from, for error messages."""
     merger: Optional[Merger] = None
     """Folds the dropped tokens into the kept ones or into summary tokens (``None``: plain drop)."""
+    renumber: bool = False
+    """Input stages only: give the kept tokens contiguous positions, as the pre-LLM methods' own code
+    does by feeding a shorter sequence (default: kept tokens keep their original positions)."""
     decode: Optional[str] = None
     """For a *decode* stage (``phase: decode``): ``"mask"`` or ``"evict"``. At every generated token,
     layers ``layer`` and later attend to the ``keep`` fraction of the cached vision tokens that the new
@@ -221,6 +224,9 @@ class ModelAdapter(_Plugin):
     """
 
     model_classes: ClassVar[tuple[str, ...]] = ()
+    renumber: ClassVar[bool] = True
+    """Whether input stages may renumber positions (one position per token, RoPE from the decoder's
+    ``rotary_emb``); False for multi-axis positions such as M-RoPE."""
 
     def vision_token_ids(self, model) -> list[int]:
         """Placeholder token ids that mark vision tokens in ``input_ids`` (image and video)."""
@@ -231,6 +237,10 @@ class ModelAdapter(_Plugin):
             if isinstance(value, int) and value not in ids:
                 ids.append(value)
         return ids
+
+    def rotary(self, model) -> torch.nn.Module:
+        """The module computing ``(cos, sin)`` from position ids (for renumbered input stages)."""
+        return self.language_model(model).rotary_emb
 
     def language_model(self, model) -> torch.nn.Module:
         """The text decoder module, whose ``.layers`` are hooked."""

@@ -56,6 +56,7 @@ class Prefill:
         self.cache: Any = None
         self.cache_meta: Optional[CacheMeta] = None
         self._layer_meta: Optional[LayerMeta] = None  # shared by the compacted layers of the last stage
+        self.position_shift: Optional[torch.Tensor] = None  # (B,) positions removed by a renumbering input stage
         self.markers: Optional[torch.Tensor] = None  # (B, L) row-end tokens (image_newline) under a keep/rows policy
         self.rows: Optional[torch.Tensor] = None  # (B, L) grid row of every token
 
@@ -255,6 +256,8 @@ class Prefill:
         self.idx = idx.gather(1, order)
         self._layer_meta = LayerMeta(self.idx, self.alive, has_dead=not bool(self.alive.all()))
         hidden = M.gather_seq(hidden, order, 1)
+        if stage.renumber:
+            self._renumber(hidden)
         self.counts[stage.layer] = kept.sum(1) + pinned.sum(1) + markers.sum(1)
         self.kept[stage.layer] = _rows(self.idx, self.alive & self.is_vision.gather(1, self.idx))
         if slots is not None:
@@ -270,6 +273,7 @@ class Prefill:
         if meta is None or meta.owner() is not self.handle:
             meta = CacheMeta(weakref.ref(self.handle), self.length, {}, self.is_vision, self.valid, self.last)
             attach(self.cache, meta)
+        meta.position_shift = self.position_shift
         self.cache_meta = meta
 
     def _markers_kept(self, idx, kept) -> torch.Tensor:
@@ -293,6 +297,21 @@ class Prefill:
             if wanted_slots is not None:
                 kept[b] &= ~torch.isin(idx[b], wanted_slots[b].to(cand.device))
         return kept
+
+    def _renumber(self, hidden) -> None:
+        """Contiguous positions for the kept tokens: each loses one position per removed real token
+        before it. The full-length tables are rewritten, so later gathers use the new numbering."""
+        B, L = self.is_vision.shape
+        present = torch.zeros(B, L, dtype=torch.bool, device=self.idx.device).scatter(1, self.idx, self.alive)
+        removed = self.valid & ~present
+        shift = torch.cumsum(removed.long(), 1)
+        pos = self.full["position_ids"]
+        if pos is None:
+            pos = torch.arange(L, device=shift.device).expand(B, L)
+        pos = pos.expand(B, L) - shift
+        self.full = dict(self.full, position_ids=pos)
+        self.full["position_embeddings"] = self.handle.adapter.rotary(self.handle.model)(hidden, position_ids=pos)
+        self.position_shift = shift[:, -1]
 
     def _regather(self, dtype) -> None:
         full, idx, kind = self.full, self.idx, self.handle.kind

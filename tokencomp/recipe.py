@@ -39,7 +39,7 @@ from .plugins import registry
 EXPLICIT = "explicit"  # the schedule plugin that holds `stages:` lists (the recipe format itself)
 TOP_KEYS = ("name", "description", "scorer", "selector", "schedule", "newlines")
 NEWLINE_POLICIES = ("candidate", "keep", "rows")
-STAGE_KEYS = ("layer", "phase", "keep", "scorer", "selector", "merge", "mode")
+STAGE_KEYS = ("layer", "phase", "keep", "scorer", "selector", "merge", "mode", "renumber")
 PHASES = ("input", "prefill", "decode")
 DECODE_MODES = ("mask", "evict")
 
@@ -461,7 +461,12 @@ def _parse_stages(value: Any, source: str, line: Optional[int]) -> tuple[Stage, 
         scorer = make_plugin("scorer", item["scorer"], source, ilines.get("scorer")) if "scorer" in item else None
         selector = make_plugin("selector", item["selector"], source, ilines.get("selector")) if "selector" in item else None
         merger = make_plugin("merger", item["merge"], source, ilines.get("merge")) if item.get("merge") is not None else None
-        stages.append(Stage(layer, keep, scorer, selector, line=sline, merger=merger, decode=decode))
+        renumber = item.get("renumber", False)
+        if not isinstance(renumber, bool):
+            raise RecipeError(f"renumber must be true or false, got {renumber!r}", source=source, line=ilines.get("renumber", sline))
+        if renumber and layer != 0:
+            raise RecipeError("`renumber:` is for input stages (`phase: input`)", source=source, line=ilines.get("renumber", sline))
+        stages.append(Stage(layer, keep, scorer, selector, line=sline, merger=merger, decode=decode, renumber=renumber))
     decode_layers = [s.layer for s in stages if s.decode]
     if decode_layers != sorted(set(decode_layers)):
         raise RecipeError(f"decode stage layers must be strictly increasing, got {decode_layers}", source=source, line=line)

@@ -21,6 +21,7 @@ class QwenVLAdapter(ModelAdapter):
 
     name = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    renumber = False  # M-RoPE: three position axes per token, laid out by the image grid
 
     def vision_groups(self, vision_mask, call_kwargs):
         pos = call_kwargs.get("position_ids")
