@@ -520,8 +520,9 @@ class Recipe:
     line: Optional[int] = dataclasses.field(default=None, compare=False)
     newlines: str = "candidate"
     """LLaVA-NeXT / OneVision ``image_newline`` tokens (row ends of the anyres grids): ``candidate``
-    (ranked like any vision token: what in-LLM methods such as V²Drop and PDrop do), ``keep`` (never
-    dropped) or ``rows`` (kept exactly for the grid rows that keep a token: FastVID, HoliTom)."""
+    (ranked like any vision token, as the in-LLM methods' code does), ``keep`` (never dropped) or
+    ``rows`` (kept exactly for the grid rows that keep a token, as the video methods that re-insert
+    row ends do)."""
 
     def stages(self, num_layers: int) -> list[Stage]:
         """Stages for a decoder with ``num_layers`` layers, defaults filled in.
