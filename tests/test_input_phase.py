@@ -187,3 +187,24 @@ def test_renumber_is_refused_for_m_rope_and_outside_input_stages():
         tokencomp.apply(tiny("qwen2_vl"), recipe([{"phase": "input", "keep": 0.5, "scorer": "random", "renumber": True}]))
     with pytest.raises(RecipeError, match="`renumber:` is for input stages"):
         tokencomp.load_recipe(recipe([{"layer": 2, "keep": 0.5, "renumber": True}]))
+
+
+def test_stats_carry_what_the_flop_count_needs_for_input_stages():
+    """An input stage reduces layer 0 itself: FLOPs must come from the prompt's own vision count."""
+    from tokencomp.flops import DecoderShape, prefill_flops, prefill_flops_compared
+
+    model = tiny("llava")
+    inputs = make_inputs(model, batch=2)
+    with torch.no_grad(), tokencomp.apply(model, recipe([{"phase": "input", "keep": 0.25, "scorer": "random"}])) as h:
+        model(**inputs)
+        stats = h.stats
+    n_vision = (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+    assert stats.input_vision_tokens == n_vision and stats.real_tokens == inputs["attention_mask"].sum(1).tolist()
+    shape = DecoderShape.from_config(model.config)
+    for b in range(2):
+        row = stats.vision_tokens_per_layer[b]
+        assert row[0] == n_vision[b] // 4
+        untouched, compressed = prefill_flops_compared(shape, stats.real_tokens[b], n_vision[b], row)
+        text = stats.real_tokens[b] - n_vision[b]
+        assert untouched == prefill_flops(shape, [stats.real_tokens[b]] * len(row))
+        assert compressed == prefill_flops(shape, [text + n_vision[b] // 4] * len(row)) < untouched

@@ -70,6 +70,18 @@ def prefill_flops(shape: DecoderShape, tokens_per_layer: Sequence[int]) -> int:
     return sum(layer_flops(shape, n) for n in tokens_per_layer)
 
 
+def prefill_flops_compared(
+    shape: DecoderShape, real_tokens: int, vision_in: int, vision_per_layer: Sequence[int]
+) -> tuple[int, int]:
+    """``(untouched, compressed)`` prefill FLOPs of one prompt of ``real_tokens`` tokens, ``vision_in``
+    of them vision tokens, when ``vision_per_layer[l]`` vision tokens enter layer ``l`` (from
+    :class:`~tokencomp.stats.Stats`: ``real_tokens``, ``input_vision_tokens``, ``vision_tokens_per_layer``).
+    The one place a prefill's saving is counted (input stages included: layer 0 may be reduced too)."""
+    text = real_tokens - vision_in
+    untouched = prefill_flops(shape, [real_tokens] * len(vision_per_layer))
+    return untouched, prefill_flops(shape, [text + v for v in vision_per_layer])
+
+
 def decode_flops(shape: DecoderShape, cache_per_layer: Sequence[int], steps: int) -> int:
     """FLOPs of ``steps`` decode steps after a prefill that left ``cache_per_layer[l]`` tokens cached."""
     return sum(layer_flops(shape, 1, c + t) for c in cache_per_layer for t in range(steps))

@@ -25,6 +25,11 @@ class Stats:
     summary_positions: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     output_positions: Optional[torch.Tensor] = None
     sequence_length: int = 0
+    input_vision_tokens: list[int] = field(default_factory=list)
+    """Per sample, the vision tokens of the prompt (before any stage; an input stage already reduces
+    ``vision_tokens_per_layer[b][0]``)."""
+    real_tokens: list[int] = field(default_factory=list)
+    """Per sample, the prompt's real (non-padding) tokens."""
 
     def average_vision_tokens(self) -> list[float]:
         """Per sample, the mean over layers of the vision tokens (the papers' token budget)."""
@@ -37,5 +42,7 @@ class Stats:
             "kept_positions": {str(k): [t.tolist() for t in v] for k, v in self.kept_positions.items()},
             "summary_positions": {str(k): [t.tolist() for t in v] for k, v in self.summary_positions.items()},
             "sequence_length": self.sequence_length,
+            "input_vision_tokens": self.input_vision_tokens,
+            "real_tokens": self.real_tokens,
             "average_vision_tokens": self.average_vision_tokens(),
         }

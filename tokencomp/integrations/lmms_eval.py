@@ -383,13 +383,11 @@ class TokencompModel:
         return None
 
     def _tc_record(self, table, pending: _Pending) -> None:
-        from tokencomp.flops import prefill_flops
+        from tokencomp.flops import prefill_flops_compared
 
         totals = self._tc_totals[self._tc_task]
         for row, n_vis, valid in zip(table, pending.vision_in, pending.valid):
-            text = valid - n_vis
-            flops = prefill_flops(self._tc_shape, [text + v for v in row])
-            vanilla = prefill_flops(self._tc_shape, [valid] * len(row))
+            vanilla, flops = prefill_flops_compared(self._tc_shape, valid, n_vis, row)
             totals.add(list(row), flops, vanilla)
 
     @staticmethod
