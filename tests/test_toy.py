@@ -103,3 +103,22 @@ def test_dropping_all_vision_tokens_early_loses_accuracy(loaded, questions, unto
     # and the model is restored afterwards
     again, answers = harness.evaluate(model, processor, questions[:10])
     assert answers == untouched[1][:10]
+
+
+def test_default_demo_runs_on_the_toy_model(tmp_path, capsys):
+    from tokencomp.cli import main
+
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "the shipped toy LLaVA" in text and "answer untouched:" in text and "answer compressed:" in text
+    counts = eval(text.split("vision tokens entering each layer: ")[1].splitlines()[0])
+    assert len(counts) == 12 and counts[0] == 256 and counts[-1] == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_synthetic_demo_still_available(tmp_path, capsys):
+    from tokencomp.cli import main
+
+    assert main(["demo", "--synthetic", "--out", str(tmp_path / "d.png"), "--quiet"]) == 0
+    assert "random-weight LLaVA-1.5 shape" in capsys.readouterr().out

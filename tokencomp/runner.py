@@ -20,9 +20,12 @@ DEMO_IMAGE = 336  # LLaVA-1.5's CLIP-336 input: 24 x 24 = 576 vision tokens
 
 def add_commands(sub) -> None:
     """Register ``demo``, ``run`` and ``bench`` on the CLI's sub-parser."""
-    p = sub.add_parser("demo", help="compress a model end to end and show what was kept (no weights needed)")
+    p = sub.add_parser("demo", help="compress a model end to end and show what was kept (no download needed)")
     p.add_argument("--recipe", help="recipe (shipped name or path); default: the default scorer, selector and schedule plugins")
-    p.add_argument("--model", help="a real checkpoint (id or path); default: a random-weight LLaVA-1.5 built here")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="a real checkpoint (id or path); default: the shipped toy LLaVA (tokencomp/toy) on a generated scene")
+    src.add_argument("--synthetic", action="store_true",
+                     help="a random-weight LLaVA-1.5-shaped model built here (32 layers, 576 vision tokens) instead of the toy model")
     p.add_argument("--image", help="image file for --model (default: a generated picture)")
     p.add_argument("--prompt", default="What is in this image?", help="question for --model")
     p.add_argument("--out", default="tokencomp-demo.png", help="heatmap PNG to write (also with --model)")
@@ -67,6 +70,10 @@ def add_commands(sub) -> None:
     from .evaltable import add_eval_command  # `tokencomp eval` (lmms-eval imported only when it runs)
 
     add_eval_command(sub)
+
+    from .analyze import add_analyze_command  # `tokencomp analyze`: the token-variation paper's findings
+
+    add_analyze_command(sub)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,7 +365,11 @@ def cmd_demo(args) -> int:
     recipe = tokencomp.load_recipe(args.recipe) if args.recipe else tokencomp.default_recipe()
     if args.model:
         return _demo_real(args, recipe)
+    if args.image:
+        raise UsageError(f"--image {args.image}: needs --model (the default demo asks the toy model about a generated scene)")
     check_output(args.out, "--out")
+    if not args.synthetic:
+        return _demo_toy(args, recipe)
     model = build_demo_model()
     image = demo_picture(DEMO_IMAGE)
     inputs = demo_inputs(model, image)
@@ -390,6 +401,57 @@ def cmd_demo(args) -> int:
     print(f"generate (8 tokens) latency: baseline {tb * 1000:.0f} ms, compressed {tc * 1000:.0f} ms (ratio {tc / tb:.2f})")
     print(f"generated ids (random weights, not meaningful): baseline {base[0, L:].tolist()}, compressed {comp[0, L:].tolist()}")
     rendering = render_regions(image, token_layout(model, inputs), stats.kept_positions)
+    save_png(args.out, rendering)
+    print(f"wrote {args.out}: " + "; ".join(rendering.legend()))
+    return 0
+
+
+def _demo_toy(args, recipe) -> int:
+    """The default demo: the shipped toy LLaVA answers a held-out question about a generated scene,
+    untouched and compressed; tokens per layer, FLOPs, and the heatmap of the kept patches."""
+    import tokencomp
+    from PIL import Image
+
+    from .flops import DecoderShape, prefill_flops
+    from .heatmap import render_inputs, save_png
+    from .toy import harness, scenes
+
+    model, processor = harness.load()
+    n_layers = model.config.get_text_config().num_hidden_layers
+    # A "where" question: the kind this (weak) toy model answers from the image; the first one it gets right.
+    candidates = [q for q in scenes.make_questions("test", 40) if q.kind == "where"]
+    with torch.no_grad():
+        enc = harness.encode(processor, candidates)
+        first = model(**enc, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
+    words = processor.tokenizer.convert_ids_to_tokens(first)
+    q = next((c for c, w in zip(candidates, words) if w == c.answer), candidates[0])
+    inputs = harness.encode(processor, [q])
+    n_vision = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    name = recipe.name or (recipe.source if recipe.source != "<dict>" else f"default ({recipe.scorer.name} scorer, {recipe.schedule.name} schedule)")
+    print(f"model: the shipped toy LLaVA ({n_layers} layers, {n_vision} vision tokens; trained on generated shape scenes, "
+          f"weak: see ACCURACY.md); recipe: {name}   (--synthetic: the random-weight LLaVA-1.5 shape)")
+    print(recipe.describe(n_layers))
+    L = inputs["input_ids"].shape[1]
+    kw = dict(max_new_tokens=3, do_sample=False)
+
+    def answer(out):
+        return processor.batch_decode(out[:, L:], skip_special_tokens=True)[0].strip()
+
+    with torch.no_grad():
+        base = answer(model.generate(**inputs, **kw))
+        with tokencomp.apply(model, recipe) as handle:
+            comp = answer(model.generate(**inputs, **kw))
+    counts = handle.stats.vision_tokens_per_layer[0]
+    shape = DecoderShape.from_config(model.config)
+    f_base = prefill_flops(shape, [L] * n_layers)
+    f_comp = prefill_flops(shape, [L - counts[0] + c for c in counts])
+    print(f"question (held-out scene {q.seed}): {q.question}   expected: {q.answer}")
+    print(f"answer untouched:  {base}")
+    print(f"answer compressed: {comp}")
+    print(f"vision tokens entering each layer: {counts}")
+    print(f"average vision tokens per layer: {sum(counts) / len(counts):.1f} of {counts[0]}")
+    print(f"prefill FLOPs: {f_base / 1e9:.3f} G -> {f_comp / 1e9:.3f} G ({100 * (1 - f_comp / f_base):.1f}% saved)")
+    rendering = render_inputs(model, processor, inputs, [Image.fromarray(q.image)], None, handle.stats.kept_positions)
     save_png(args.out, rendering)
     print(f"wrote {args.out}: " + "; ".join(rendering.legend()))
     return 0

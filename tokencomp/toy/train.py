@@ -6,6 +6,8 @@ chat template), and the language-model loss is on the answer tokens (the word an
 only. A dense auxiliary loss (``--aux-weight``) on the last vision layer's patch tokens predicts
 each patch's shape, colour and object centre: it plays the part of a pretrained vision encoder
 (without it the decoder sat on the blind answer prior for 300+ steps); its heads are not saved.
+``--init DIR --freeze-vision`` continues from a saved checkpoint with the vision tower frozen (no
+auxiliary loss); ``--keep-best`` saves only when the validation accuracy improves.
 Reproducible
 from ``--seed`` (single thread). Saves ``save_pretrained`` model + processor into ``--out``
 (fp16 weights by default, to keep the shipped folder small).
@@ -108,6 +110,9 @@ def main(argv=None):
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the dense patch loss on the vision tower")
     ap.add_argument("--init", default=None, help="continue from this saved checkpoint instead of random weights")
     ap.add_argument("--data-offset", type=int, default=0, help="first train scene index (use fresh scenes when continuing)")
+    ap.add_argument("--freeze-vision", action="store_true",
+                    help="freeze the vision tower (after its auxiliary pre-training, e.g. with --init) and skip the aux loss")
+    ap.add_argument("--keep-best", action="store_true", help="save only when the validation accuracy improves")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--out", default="tokencomp/toy/checkpoint")
@@ -124,6 +129,10 @@ def main(argv=None):
     else:
         model = build.build_model(processor.tokenizer, seed=args.seed)
     model.train()
+    if args.freeze_vision:
+        for p in model.model.vision_tower.parameters():
+            p.requires_grad_(False)
+        args.aux_weight = 0.0
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M", flush=True)
     vis_dim = model.config.vision_config.hidden_size
@@ -131,7 +140,7 @@ def main(argv=None):
     captured = {}
     last_vision_layer = model.model.vision_tower.encoder.layers[-1]
     last_vision_layer.register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", out[0] if isinstance(out, tuple) else out))
-    params = list(model.named_parameters()) + list(aux_heads.named_parameters())
+    params = [(n, p) for n, p in list(model.named_parameters()) + list(aux_heads.named_parameters()) if p.requires_grad]
     decay = [p for n, p in params if p.ndim >= 2]
     no_decay = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
@@ -146,6 +155,7 @@ def main(argv=None):
     held = scenes.make_questions("test", 200, seed=1)  # validation: test split, other seed than the tests'
     t0 = time.time()
     run_loss = None
+    best = -1.0
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
@@ -153,9 +163,12 @@ def main(argv=None):
         logits = model(input_ids=input_ids, attention_mask=att, pixel_values=pix).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
         h = captured["h"][:, 1:]  # patch tokens of the last vision layer (what LLaVA feeds the projector)
-        aux_loss = sum(
-            torch.nn.functional.cross_entropy(head(h).flatten(0, 1), aux[..., k].flatten()) for k, head in enumerate(aux_heads)
-        )
+        if args.aux_weight:
+            aux_loss = sum(
+                torch.nn.functional.cross_entropy(head(h).flatten(0, 1), aux[..., k].flatten()) for k, head in enumerate(aux_heads)
+            )
+        else:
+            aux_loss = torch.zeros(())
         lm_loss = loss
         loss = lm_loss + args.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
@@ -169,7 +182,10 @@ def main(argv=None):
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             acc = quick_eval(model, processor, held)
             print(f"step {step + 1} val_acc {acc:.3f} {time.time() - t0:.0f}s", flush=True)
-            save(model, processor, args.out, args.fp32)
+            if not args.keep_best or acc > best:
+                best = max(best, acc)
+                save(model, processor, args.out, args.fp32)
+                print(f"saved step {step + 1} to {args.out}", flush=True)
     print(f"done in {time.time() - t0:.0f}s", flush=True)
 
 
