@@ -359,7 +359,7 @@ def demo_inputs(model, image: torch.Tensor, prompt_len: int = 24, seed: int = 0)
 
 def cmd_demo(args) -> int:
     import tokencomp
-    from .flops import DecoderShape, prefill_flops
+    from .flops import DecoderShape, prefill_flops_compared
     from .heatmap import demo_picture, render_regions, save_png, token_layout
 
     recipe = tokencomp.load_recipe(args.recipe) if args.recipe else tokencomp.default_recipe()
@@ -390,15 +390,14 @@ def cmd_demo(args) -> int:
                 times["compressed"].append(time.perf_counter() - t0)
     stats = handle.stats
     counts = stats.vision_tokens_per_layer[0]
-    L = inputs["input_ids"].shape[1]
     shape = DecoderShape.from_config(model.config)
-    f_base = prefill_flops(shape, [L] * n_layers)
-    f_comp = prefill_flops(shape, [L - counts[0] + c for c in counts])
+    f_base, f_comp = prefill_flops_compared(shape, stats.real_tokens[0], stats.input_vision_tokens[0], counts)
     tb, tc = sorted(times["baseline"])[1], sorted(times["compressed"])[1]
     print(f"vision tokens entering each layer: {counts}")
-    print(f"average vision tokens per layer: {sum(counts) / len(counts):.1f} of {counts[0]}")
+    print(f"average vision tokens per layer: {sum(counts) / len(counts):.1f} of {stats.input_vision_tokens[0]}")
     print(f"prefill FLOPs: {f_base / 1e9:.2f} G -> {f_comp / 1e9:.2f} G ({100 * (1 - f_comp / f_base):.1f}% saved)")
     print(f"generate (8 tokens) latency: baseline {tb * 1000:.0f} ms, compressed {tc * 1000:.0f} ms (ratio {tc / tb:.2f})")
+    L = inputs["input_ids"].shape[1]
     print(f"generated ids (random weights, not meaningful): baseline {base[0, L:].tolist()}, compressed {comp[0, L:].tolist()}")
     rendering = render_regions(image, token_layout(model, inputs), stats.kept_positions)
     save_png(args.out, rendering)
@@ -412,7 +411,7 @@ def _demo_toy(args, recipe) -> int:
     import tokencomp
     from PIL import Image
 
-    from .flops import DecoderShape, prefill_flops
+    from .flops import DecoderShape, prefill_flops_compared
     from .heatmap import render_inputs, save_png
     from .toy import harness, scenes
 
@@ -441,15 +440,15 @@ def _demo_toy(args, recipe) -> int:
         base = answer(model.generate(**inputs, **kw))
         with tokencomp.apply(model, recipe) as handle:
             comp = answer(model.generate(**inputs, **kw))
-    counts = handle.stats.vision_tokens_per_layer[0]
+    stats = handle.stats
+    counts = stats.vision_tokens_per_layer[0]
     shape = DecoderShape.from_config(model.config)
-    f_base = prefill_flops(shape, [L] * n_layers)
-    f_comp = prefill_flops(shape, [L - counts[0] + c for c in counts])
+    f_base, f_comp = prefill_flops_compared(shape, stats.real_tokens[0], stats.input_vision_tokens[0], counts)
     print(f"question (held-out scene {q.seed}): {q.question}   expected: {q.answer}")
     print(f"answer untouched:  {base}")
     print(f"answer compressed: {comp}")
     print(f"vision tokens entering each layer: {counts}")
-    print(f"average vision tokens per layer: {sum(counts) / len(counts):.1f} of {counts[0]}")
+    print(f"average vision tokens per layer: {sum(counts) / len(counts):.1f} of {stats.input_vision_tokens[0]}")
     print(f"prefill FLOPs: {f_base / 1e9:.3f} G -> {f_comp / 1e9:.3f} G ({100 * (1 - f_comp / f_base):.1f}% saved)")
     rendering = render_inputs(model, processor, inputs, [Image.fromarray(q.image)], None, handle.stats.kept_positions)
     save_png(args.out, rendering)
