@@ -226,3 +226,25 @@ def test_accuracy_quick_run(tmp_path):
     res = json.loads(js.read_text())
     assert md.read_text() == accuracy.markdown(res)
     assert {r["schedule"] for r in res["rows"]} == {"-", "progressive", "one-shot"}
+
+
+def test_svg_on_request(tmp_path, monkeypatch):
+    """--svg writes the same figure as SVG beside the PNG (matplotlib), and without matplotlib it is
+    a one-line error before any model work."""
+    import tokencomp.heatmap as heatmap
+    from tokencomp.analyze import plot_retention
+
+    res = {"scorers": {"a": {"retention": [0.5] * 10}, "b": {"retention": [None] + [0.2] * 9}}, "bins": 10, "layer": 3, "keep": 0.3, "inputs": 4}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pytest.skip("matplotlib (tokencomp[viz]) is not installed")
+    assert plot_retention(res, tmp_path / "position.png", svg=True) == "matplotlib"
+    assert (tmp_path / "position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in (tmp_path / "position.svg").read_bytes()[:400]
+
+    def missing():
+        raise tokencomp.UsageError("matplotlib is not installed: pip install 'tokencomp[viz]'")
+
+    monkeypatch.setattr(heatmap, "require_matplotlib", missing)
+    assert main(["analyze", "--svg", "--out-dir", str(tmp_path / "x")]) == 2

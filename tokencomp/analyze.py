@@ -184,14 +184,17 @@ def format_retention(res: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_retention(res: dict, path) -> str:
-    """Bar chart of :func:`position_retention` as a PNG at `path`: matplotlib when installed
-    (``tokencomp[viz]``), else a plain Pillow chart. Returns which one drew it."""
+def plot_retention(res: dict, path, svg: bool = False) -> str:
+    """Bar chart of :func:`position_retention` as a PNG at `path` (and, with ``svg``, the same figure
+    beside it as SVG): matplotlib when installed (``tokencomp[viz]``), else a plain Pillow chart (PNG
+    only: ``svg`` then needs matplotlib). Returns which one drew it."""
     from .heatmap import require_matplotlib
 
     try:
         plt = require_matplotlib()
     except UsageError:
+        if svg:
+            raise
         _pillow_retention(res, path)
         return "pillow"
     labels = list(res["scorers"])
@@ -209,6 +212,8 @@ def plot_retention(res: dict, path) -> str:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
+    if svg:
+        fig.savefig(Path(path).with_suffix(".svg"))
     plt.close(fig)
     return "matplotlib"
 
@@ -450,6 +455,7 @@ def add_analyze_command(sub) -> None:
     p.add_argument("--metrics", nargs="+", default=list(METRICS), choices=METRICS)
     p.add_argument("--maps", type=int, default=4, help="variation pictures to write (toy: one per question; default 4)")
     p.add_argument("--out-dir", default="tokencomp-analyze", help="folder for analyze.json and the PNGs (created)")
+    p.add_argument("--svg", action="store_true", help="also write the position plot as SVG (needs tokencomp[viz])")
     p.add_argument("--accuracy", action="store_true", help="run the toy accuracy table instead (see benchmarks/accuracy.py)")
     p.add_argument("--quick", action="store_true", help="with --accuracy: a small smoke run (few questions, few configs)")
     p.set_defaults(func=cmd_analyze)
@@ -460,6 +466,10 @@ def _check_args(args) -> None:
         raise UsageError(f"--keep {args.keep}: must be in [0, 1]")
     if args.maps < 0:
         raise UsageError(f"--maps {args.maps}: must be >= 0")
+    if args.svg:
+        from .heatmap import require_matplotlib
+
+        require_matplotlib()  # before any model work
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {args.out_dir}: exists and is not a folder")
@@ -600,7 +610,7 @@ def _analyze(args, depth, layer, vlayers) -> int:
     pos = position_retention(model, batches, scorers, layer, args.keep)
     report["position"] = pos
     print(format_retention(pos))
-    how = plot_retention(pos, out / "position.png")
+    how = plot_retention(pos, out / "position.png", svg=args.svg)
     print(f"wrote {out / 'position.png'}" + ("" if how == "matplotlib" else " (Pillow chart; pip install 'tokencomp[viz]' for matplotlib)"))
     # Finding 2
     from .heatmap import token_layout
