@@ -38,6 +38,7 @@ import torch
 
 from .errors import UsageError
 from .flops import DecoderShape, decode_flops, kv_cache_bytes, prefill_flops
+from .progress import progress as progress_bar
 
 NOISE_LIMIT = 0.10
 """A ratio whose interval is wider than this fraction of it is flagged in ``warnings``."""
@@ -683,13 +684,6 @@ def identity_recipe(recipe, num_layers: int):
     return dataclasses.replace(recipe, schedule=ExplicitSchedule(stages_=stages), name="keep=1 (hooks only)")
 
 
-def _progress_bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not (enabled and sys.stderr.isatty()), file=sys.stderr, leave=False,
-                desc="bench", unit="run", dynamic_ncols=True)
-
-
 def bench(
     model,
     recipe,
@@ -740,7 +734,7 @@ def bench(
     if limit:
         variants["limit"] = Variant("limit")
     order = list(variants)
-    bar = _progress_bar((repeat + 2) * len(order), progress)
+    bar = progress_bar(total=(repeat + 2) * len(order), quiet=not progress, desc="bench", unit="run")
     measured = 0  # rounds completed for every variant (warm-up excluded)
     try:
         rotary = _capture_rotary(s) if limit else None

@@ -13,6 +13,7 @@ import torch
 
 from .cli import INTERRUPTED, nonnegative_int, one_line, positive_int
 from .errors import UnsupportedModelError, UsageError
+from .progress import progress
 
 DEMO_LAYERS = 32
 DEMO_IMAGE = 336  # LLaVA-1.5's CLIP-336 input: 24 x 24 = 576 vision tokens
@@ -207,13 +208,6 @@ def check_processor_deps(model_id: str, config) -> None:
 def takes_video(config) -> bool:
     """Whether the model has a video placeholder token (Qwen, OneVision); LLaVA-1.5 / NeXT do not."""
     return any(getattr(config, k, None) is not None for k in ("video_token_id", "video_token_index"))
-
-
-def progress(iterable, quiet: bool = False, **kwargs):
-    """tqdm on stderr for loops a user waits on; silent when stderr is not a terminal or with --quiet."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=True if quiet else None, leave=False, file=sys.stderr, **kwargs)
 
 
 def _image_text_class(config):
