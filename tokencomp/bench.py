@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
