@@ -111,6 +111,14 @@ def register_mergers(register):
     register(RecycleMerger)
 
 
+def pack_merges(slots: list, members: list, owner: list, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``(slots, members, owner)`` triple :func:`apply_merges` reads, from lists built per group
+    (three empty tensors when nothing merges)."""
+    if not slots:
+        return (torch.zeros(0, dtype=torch.long, device=device),) * 3
+    return torch.stack(slots), torch.cat(members), torch.cat(owner)
+
+
 def apply_merges(h: torch.Tensor, out: torch.Tensor, b: int, kept: torch.Tensor, merges, beta=None) -> None:
     """Write merged states into ``out[b]``: ``merges`` is ``(slots (M,), members (E,), owner (E,))``,
     sequence indices of the merge targets, of the member tokens and the target each member goes to.

@@ -34,7 +34,7 @@ import torch
 
 import tokencomp
 from tokencomp.interfaces import LayerView, Scorer
-from tokencomp.mergers.recycle import dpc_knn, top_stable
+from tokencomp.mergers.recycle import dpc_knn, pack_merges, top_stable
 from tokencomp.scorers.dycoke import KEEP, video_frames
 from tokencomp.scorers.holitom import salience, squash
 
@@ -94,12 +94,7 @@ def fastvid_plan(view: LayerView, c: int, tau: float, d: float, p: int, k: int =
                     owner.append(assign + base)
                 start += L
             score[idx] = tier + sal
-        merges = (
-            (torch.stack(slots), torch.cat(members), torch.cat(owner))
-            if slots
-            else (torch.zeros(0, dtype=torch.long, device=dev),) * 3
-        )
-        plans.append((score, merges))
+        plans.append((score, pack_merges(slots, members, owner, dev)))
     return plans
 
 

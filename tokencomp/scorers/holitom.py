@@ -34,7 +34,7 @@ import torch
 
 import tokencomp
 from tokencomp.interfaces import LayerView, Scorer
-from tokencomp.mergers.recycle import cluster_members, dpc_knn, top_stable
+from tokencomp.mergers.recycle import cluster_members, dpc_knn, pack_merges, top_stable
 from tokencomp.scorers.dycoke import KEEP, video_frames
 
 
@@ -113,12 +113,7 @@ def holitom_plan(view: LayerView, tau: float, max_window: int, k: int = 7):
                         members.append(toks)
                         owner.append(torch.full_like(toks, len(slots) - 1))
             score[idx] = tier + sal
-        merges = (
-            (torch.stack(slots), torch.cat(members), torch.cat(owner))
-            if slots
-            else (torch.zeros(0, dtype=torch.long, device=dev),) * 3
-        )
-        plans.append((score, merges))
+        plans.append((score, pack_merges(slots, members, owner, dev)))
     return plans
 
 

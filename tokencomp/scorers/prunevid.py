@@ -37,7 +37,7 @@ import torch
 
 import tokencomp
 from tokencomp.interfaces import LayerView, Scorer
-from tokencomp.mergers.recycle import cluster_members, dpc_knn, top_stable
+from tokencomp.mergers.recycle import cluster_members, dpc_knn, pack_merges, top_stable
 from tokencomp.scorers.dycoke import KEEP, video_frames
 
 
@@ -108,12 +108,7 @@ def prunevid_plan(view: LayerView, tau: float, temporal_ratio: float, cluster_ra
                     tier[t, dyn[centres]] = 4.0 + torch.sigmoid(cs)
                     add(idx[t, dyn[centres]], idx[t, dyn], assign, len(centres))
             score[idx] = tier
-        merges = (
-            (torch.stack(slots), torch.cat(members), torch.cat(owner))
-            if slots
-            else (torch.zeros(0, dtype=torch.long, device=dev),) * 3
-        )
-        plans.append((score, merges))
+        plans.append((score, pack_merges(slots, members, owner, dev)))
     return plans
 
 
