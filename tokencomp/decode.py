@@ -219,7 +219,7 @@ class Decode:
         if q is None or not cache.layers[l - 1].is_initialized:
             return
         cols_prev = self._columns(l - 1, cache)  # includes this step's tokens: layer l - 1 already ran
-        B, q_len = cols_prev.shape[0], q.shape[1]
+        B = cols_prev.shape[0]
         n_total = meta.prefill_len + (cols_prev.shape[1] - (meta.layers[l - 1].idx.shape[1] if l - 1 in meta.layers else meta.prefill_len))
         valid = torch.cat([meta.valid, torch.ones(B, n_total - meta.prefill_len, dtype=torch.bool, device=meta.valid.device)], 1)
         allowed = valid.gather(1, cols_prev)
