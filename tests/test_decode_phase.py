@@ -148,3 +148,23 @@ def test_decode_and_prefill_stages_may_share_a_layer_and_describe_themselves():
     rec = tokencomp.load_recipe(recipe(0.3, "evict", extra=({"layer": 3, "keep": 0.5},)))
     text = rec.describe(6)
     assert "layer   3: keep 0.5" in text and "decode, layer   3+: attend to 0.3 of the cached vision tokens (evict)" in text
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+@pytest.mark.parametrize("mode", ["mask", "evict"])
+def test_decode_stage_on_video_batch_equals_single_and_keep_1_is_identity(family, mode):
+    model = tiny(family)
+    inputs = make_inputs(model, batch=2, video=True, n_images=0)
+    with torch.no_grad():
+        ref = model.generate(**inputs, **gen_kwargs(model))
+        with tokencomp.apply(model, recipe(1.0, mode)):
+            assert torch.equal(model.generate(**inputs, **gen_kwargs(model)).sequences, ref.sequences)
+        with tokencomp.apply(model, recipe(0.2, mode)):
+            batched = model.generate(**inputs, **gen_kwargs(model))
+            n_new = batched.sequences.shape[1] - inputs["input_ids"].shape[1]
+            for b in range(2):
+                solo = model.generate(**take_sample(inputs, b), **gen_kwargs(model))
+                assert torch.equal(solo.sequences[0, -n_new:], batched.sequences[b, -n_new:])
+                for x, y in zip(solo.scores, batched.scores):
+                    finite = torch.isfinite(x[0])
+                    assert (x[0][finite] - y[b][finite]).abs().max() < 1e-4
