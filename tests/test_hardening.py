@@ -193,7 +193,7 @@ def test_vision_mask_of_the_wrong_shape_is_an_error_naming_both_shapes():
         for wrong in (vision[:, :-1], vision[:1], vision[:, :5]):
             with h.vision_mask(wrong), pytest.raises(UsageError, match=rf"{tuple(wrong.shape)}.*{tuple(vision.shape)}"):
                 model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
-        with pytest.raises(UsageError, match="bool tensor"):
+        with pytest.raises(UsageError, match="needs \(batch, sequence\) tensors"):
             h.vision_mask(vision[0])
         with h.vision_mask(vision):  # the right shape compresses
             model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
@@ -456,3 +456,28 @@ def test_inference_mode_works_like_no_grad(family):
         assert torch.equal(ref, got)
         for layer, kept in ref_kept.items():
             assert all(torch.equal(a, b) for a, b in zip(kept, h.stats.kept_positions[layer]))
+
+
+def test_explicit_groups_reach_the_view_for_inputs_embeds_calls():
+    """handle.vision_mask(mask, groups): quota selectors and video methods see the caller's frames."""
+    model = tiny("llava")
+    inputs = make_inputs(model, batch=2)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    vision = inputs["input_ids"] == model.config.image_token_id
+    frames = torch.where(vision, (torch.cumsum(vision.long(), 1) - 1) // 16, torch.full_like(vision, -1, dtype=torch.long))
+    seen = {}
+
+    def fn(view):
+        seen["groups"] = view.groups.clone()
+        return view.hidden.float().norm(dim=-1)
+
+    rec = make_recipe(_Fn(fn), [(1, 0.25)], PerGroupQuota(min_per_group=1))
+    with tokencomp.apply(model, rec) as h, torch.no_grad():
+        with h.vision_mask(vision, frames):
+            model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+        assert torch.equal(seen["groups"], frames)
+        for b in range(2):
+            kept_frames = frames[b][h.stats.kept_positions[1][b]]
+            assert sorted(set(kept_frames.tolist())) == [0, 1, 2, 3]  # every frame keeps a token
+        with pytest.raises(UsageError, match="differ in shape"):
+            h.vision_mask(vision, frames[:, :-1])

@@ -235,14 +235,22 @@ class Handle:
         recompute a generation without a cache. Mergers then merge into the recorded tokens again."""
         return self._set_opt("replay", (kept_positions, summary_positions or {}))
 
-    def vision_mask(self, mask: torch.Tensor):
-        """Context manager: the (B, L) bool vision-token mask for ``inputs_embeds``-only calls.
+    def vision_mask(self, mask: torch.Tensor, groups: Optional[torch.Tensor] = None):
+        """Context manager: the (B, L) bool vision-token mask for ``inputs_embeds``-only calls, and
+        optionally the (B, L) image / frame number of each vision token (``-1`` elsewhere; default:
+        each contiguous run of vision tokens is one group) — what quota selectors and video methods
+        read from ``view.groups``.
 
-        Its shape must be the (batch, sequence) shape of the prefill's inputs (checked at the call)."""
-        if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
-            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise UsageError(f"handle.vision_mask needs a (batch, sequence) bool tensor; got {got}")
-        return self._set_opt("explicit_mask", mask)
+        Shapes must be the (batch, sequence) shape of the prefill's inputs (checked at the call)."""
+        for name, t in (("mask", mask), ("groups", groups)):
+            if t is None and name == "groups":
+                continue
+            if not isinstance(t, torch.Tensor) or t.ndim != 2:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise UsageError(f"handle.vision_mask needs (batch, sequence) tensors; got {name} {got}")
+        if groups is not None and groups.shape != mask.shape:
+            raise UsageError(f"handle.vision_mask: groups {tuple(groups.shape)} and mask {tuple(mask.shape)} differ in shape")
+        return self._set_opt("explicit_mask", (mask, groups))
 
     def current(self) -> Union[Prefill, Decode, None]:
         """The state of this thread's forward in progress (for adapters), or None."""
@@ -283,7 +291,7 @@ class Handle:
             return Decode(self, meta)
         if cache is not None and cache.get_seq_length() > 0:
             return None  # chunked/multi-turn prefill onto a cache we did not compress: untouched
-        explicit = self._opt("explicit_mask")
+        explicit, explicit_groups = self._opt("explicit_mask") or (None, None)
         embeds = kwargs.get("inputs_embeds")
         ref = embeds if embeds is not None else input_ids
         if explicit is not None:
@@ -318,7 +326,10 @@ class Handle:
         valid = mask2d.to(torch.bool) if mask2d is not None and mask2d.ndim == 2 else torch.ones_like(is_vision)
         pos = torch.arange(L, device=is_vision.device).expand(B, L)
         last = torch.where(valid, pos, torch.full_like(pos, -1)).max(dim=1).values
-        groups = self.adapter.vision_groups(is_vision, kwargs)
+        if explicit_groups is not None:
+            groups = torch.where(is_vision, explicit_groups.to(is_vision.device).long(), torch.full_like(explicit_groups, -1, device=is_vision.device).long())
+        else:
+            groups = self.adapter.vision_groups(is_vision, kwargs)
         if not self._warned_grad and (torch.is_grad_enabled() or self.model.training):
             self._warned_grad = True
             warnings.warn(
