@@ -193,7 +193,7 @@ def test_vision_mask_of_the_wrong_shape_is_an_error_naming_both_shapes():
         for wrong in (vision[:, :-1], vision[:1], vision[:, :5]):
             with h.vision_mask(wrong), pytest.raises(UsageError, match=rf"{tuple(wrong.shape)}.*{tuple(vision.shape)}"):
                 model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
-        with pytest.raises(UsageError, match="needs \(batch, sequence\) tensors"):
+        with pytest.raises(UsageError, match=r"needs \(batch, sequence\) tensors"):
             h.vision_mask(vision[0])
         with h.vision_mask(vision):  # the right shape compresses
             model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
