@@ -134,7 +134,7 @@ def test_limit_is_fed_the_recipes_tokens():
     assert rep["variants"]["limit"]["tokens_per_layer"] == rep["tokens_per_layer"]
 
     for recipe in (V2DROP, FASTV, "{schedule: {stages: [{phase: input, keep: 0.5, scorer: uniform}, {layer: 3, keep: 0.5}]}}"):
-        embeds, mask, vision = tb.make_bench_inputs(model, 20, 6, 2, model.config.image_token_id)
+        embeds, mask, vision, _ = tb.make_bench_inputs(model, 20, 6, 2, model.config.image_token_id)
         s = tb._Setup(model, embeds, mask, vision, 2, embeds.device, 5)
         rotary, decode_rotary = tb._capture_rotary(s)
         with tokencomp.apply(model, recipe) as handle, torch.no_grad(), handle.vision_mask(vision):
@@ -160,7 +160,7 @@ def test_peer_keeps_the_same_tokens_as_the_probes(scorer):
 
     model = build_synthetic("llava-1.5-7b:layers=4,hidden=64,heads=8,kv_heads=4,intermediate=128")
     recipe = tokencomp.load_recipe({"scorer": scorer, "schedule": {"stages": [{"layer": 1, "keep": 0.5}, {"layer": 3, "keep": 0.25}]}})
-    embeds, mask, vision = tb.make_bench_inputs(model, 24, 8, 2, model.config.image_token_id)
+    embeds, mask, vision, _ = tb.make_bench_inputs(model, 24, 8, 2, model.config.image_token_id)
     s = tb._Setup(model, embeds, mask, vision, 1, embeds.device, 5)
     ours = tb._HFRunner("recipe", recipe)
     ours.memory(s, tb.Variant("recipe"))
@@ -319,3 +319,28 @@ def test_gpu_script_dry_run_and_tables(tmp_path):
     doc.write_text("x\n<!-- table:gpu -->\nold\n<!-- /table:gpu -->\ny\n")
     tables.update(doc, "gpu", text)
     assert "old" not in doc.read_text() and "q/k probes" in doc.read_text()
+
+
+def test_video_mode_gives_the_recipe_frames(tmp_path, monkeypatch):
+    """bench --frames: the vision tokens come as equal frames (the remainder in the last), and every
+    compressed forward hands them to the engine, so video methods and quotas see frames."""
+    import tokencomp.bench as tb
+    import tokencomp.engine as engine
+    from tokencomp.cli import main
+    from tokencomp.testing import build_synthetic
+
+    model = build_synthetic("llava-1.5-7b:layers=2,hidden=64,heads=2,kv_heads=2,intermediate=128")
+    _, _, vision, groups = tb.make_bench_inputs(model, 66, 4, 2, model.config.image_token_id, frames=8)
+    counts = [int((groups[0] == g).sum()) for g in range(8)]
+    assert counts == [8] * 7 + [10] and bool(((groups >= 0) == vision).all())
+    seen = []
+    real = engine.Handle.vision_mask
+    monkeypatch.setattr(engine.Handle, "vision_mask", lambda self, mask, groups=None: seen.append(groups) or real(self, mask, groups))
+    out = tmp_path / "r.json"
+    code = main(["bench", "{scorer: random, selector: quota, schedule: {stages: [{layer: 1, keep: 0.25}]}}", "--synthetic",
+                 "llava-1.5-7b:layers=2,hidden=64,heads=2,kv_heads=2,intermediate=128", "--vision-tokens", "64", "--frames", "8",
+                 "--text-tokens", "4", "--repeat", "1", "--new-tokens", "1", "--json", str(out), "--quiet", "--no-limit"])
+    assert code == 0
+    rep = json.loads(out.read_text())
+    rep = rep[0] if isinstance(rep, list) else rep
+    assert rep["frames"] == 8 and seen and all(g is not None and int(g.max()) == 7 for g in seen)

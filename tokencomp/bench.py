@@ -239,8 +239,10 @@ class Variant:
             setattr(self, name, getattr(self, name)[:rounds])
 
 
-def make_bench_inputs(model, vision_tokens: int, text_tokens: int, batch: int, vision_id: int, seed: int = 0):
-    """Embeddings of ``batch`` prompts ``[text prefix, vision_tokens placeholders, text suffix]``."""
+def make_bench_inputs(model, vision_tokens: int, text_tokens: int, batch: int, vision_id: int, seed: int = 0, frames: int = 1):
+    """Embeddings of ``batch`` prompts ``[text prefix, vision_tokens placeholders, text suffix]``, their
+    attention mask and vision mask, and the frame number of each vision token (``frames`` equal
+    groups, the remainder in the last; ``-1`` on text) as a video's frames would be."""
     gen = torch.Generator().manual_seed(seed)
     prefix = text_tokens // 2
     suffix = text_tokens - prefix
@@ -251,7 +253,10 @@ def make_bench_inputs(model, vision_tokens: int, text_tokens: int, batch: int, v
     ids = ids.to(device)
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
-    return embeds, torch.ones_like(ids), ids == vision_id
+    vision = ids == vision_id
+    per_frame = max(1, vision_tokens // frames)
+    frame = torch.clamp((torch.cumsum(vision.long(), 1) - 1) // per_frame, max=frames - 1)
+    return embeds, torch.ones_like(ids), vision, torch.where(vision, frame, torch.full_like(frame, -1))
 
 
 class _null:
@@ -277,10 +282,11 @@ class _Setup:
     new_tokens: int
     device: torch.device
     decode_id: int
+    groups: Optional[torch.Tensor] = None  # (B, L) frame of each vision token (video mode)
 
 
 def _hf_prefill(s: _Setup, handle):
-    ctx = handle.vision_mask(s.vision) if handle is not None else _null()
+    ctx = handle.vision_mask(s.vision, s.groups) if handle is not None else _null()
     with ctx:
         out = s.model(inputs_embeds=s.embeds, attention_mask=s.mask, use_cache=True, logits_to_keep=1)
     return getattr(out, "cache", None) or out.past_key_values
@@ -342,7 +348,7 @@ class _HFRunner:
                     v.decode_s.append(_now() - t0)
                 del cache
                 if s.new_tokens > 0 and self.generate:
-                    ctx = handle.vision_mask(s.vision) if handle is not None else _null()
+                    ctx = handle.vision_mask(s.vision, s.groups) if handle is not None else _null()
                     _sync(s.device)
                     t0 = _now()
                     with ctx:
@@ -695,6 +701,7 @@ def bench(
     progress: bool = True,
     limit: bool = True,
     peer: bool = True,
+    frames: int = 1,
 ) -> dict[str, Any]:
     """Measure the variants (module docstring) on one input shape; return a JSON-friendly dict.
 
@@ -705,7 +712,8 @@ def bench(
     import tokencomp
 
     for name, value, minimum in (("vision_tokens", vision_tokens, 1), ("text_tokens", text_tokens, 0),
-                                 ("batch", batch, 1), ("new_tokens", new_tokens, 0), ("repeat", repeat, 1)):
+                                 ("batch", batch, 1), ("new_tokens", new_tokens, 0), ("repeat", repeat, 1),
+                                 ("frames", frames, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise UsageError(f"bench: {name} must be an integer >= {minimum}, got {value!r}")
     recipe = tokencomp.load_recipe(recipe)
@@ -714,11 +722,13 @@ def bench(
     num_layers = handle_probe.num_layers
     handle_probe.remove()
     device = model.get_input_embeddings().weight.device
-    embeds, mask, vision = make_bench_inputs(model, vision_tokens, text_tokens, batch, adapter_ids[0])
+    if frames > vision_tokens:
+        raise UsageError(f"bench: frames ({frames}) cannot exceed vision_tokens ({vision_tokens})")
+    embeds, mask, vision, groups = make_bench_inputs(model, vision_tokens, text_tokens, batch, adapter_ids[0], frames=frames)
     shape = DecoderShape.from_config(model.config)
     vocab = model.get_input_embeddings().num_embeddings
     decode_id = next(i for i in range(vocab - 1, 0, -1) if i not in adapter_ids)
-    s = _Setup(model, embeds, mask, vision, new_tokens, device, decode_id)
+    s = _Setup(model, embeds, mask, vision, new_tokens, device, decode_id, groups if frames > 1 else None)
     attn_impl = model.config.get_text_config()._attn_implementation
 
     runners: dict[str, Any] = {
@@ -767,11 +777,13 @@ def bench(
             report = _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, new_tokens, measured, embeds.dtype, device)
             report["partial"] = True
             report["repeat_requested"] = repeat
+            report["frames"] = frames
         raise BenchInterrupted(report) from None
     bar.close()
     rep = _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, new_tokens, repeat, embeds.dtype, device)
     rep["partial"] = False
     rep["repeat_requested"] = repeat
+    rep["frames"] = frames
     return rep
 
 

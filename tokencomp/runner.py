@@ -54,6 +54,8 @@ def add_commands(sub) -> None:
     p.add_argument("--vision-tokens", type=positive_int, nargs="+", default=[576], help="one or more vision-token counts")
     p.add_argument("--text-tokens", type=nonnegative_int, default=60)
     p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--frames", type=positive_int, default=1,
+                   help="split the vision tokens into this many equal frames (video mode: e.g. 6272 tokens as 32 frames of 196)")
     p.add_argument("--new-tokens", type=nonnegative_int, default=8, help="decode steps timed (0: prefill only)")
     p.add_argument("--repeat", type=positive_int, default=5, help="measured rounds (after one warm-up round)")
     p.add_argument("--attn", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
@@ -267,7 +269,7 @@ def cmd_bench(args) -> int:
                 model = _build_synthetic(args.synthetic, args.attn, dtype)
         model = model.to(device)
         for n in progress(args.vision_tokens, args.quiet or len(args.vision_tokens) < 2, desc="vision-token counts", unit="count"):
-            rep = bench(model, recipe, vision_tokens=n, text_tokens=args.text_tokens, batch=args.batch,
+            rep = bench(model, recipe, vision_tokens=n, text_tokens=args.text_tokens, batch=args.batch, frames=args.frames,
                         new_tokens=args.new_tokens, repeat=args.repeat, progress=not getattr(args, "quiet", False),
                         limit=args.limit, peer=args.peer)
             rep["model_spec"] = spec
