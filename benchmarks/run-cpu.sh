@@ -3,7 +3,8 @@
 # Each writes benchmarks/results/<table>/<name>.json and .log; then
 #   python benchmarks/tables.py benchmarks/results/cpu --update BENCHMARKS.md
 #   python benchmarks/tables.py benchmarks/results/scaling --scaling --update BENCHMARKS.md
-# Usage: benchmarks/run-cpu.sh [cpu|scaling|input]...   (default: all three groups)
+#   python benchmarks/tables.py benchmarks/results/video --update BENCHMARKS.md
+# Usage: benchmarks/run-cpu.sh [cpu|scaling|input|video]...   (default: cpu, input, scaling)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TC=${TC:-.venv/bin/tokencomp}
@@ -33,5 +34,12 @@ scaling)
   for b in 2 4; do
     run scaling fastv-k1-576-b$b "$FASTV4" --synthetic "$L4" --vision-tokens 576 --batch $b --repeat 3 --new-tokens 2 --no-peer
   done ;;
-*) echo "unknown group $g (cpu, input, scaling)" >&2; exit 2 ;;
+video)  # the video methods side by side: 6272 tokens as 32 frames, a narrow 28-layer OneVision shape
+  OV="llava-onevision-7b:layers=28,hidden=128,heads=2,kv_heads=1,intermediate=256"
+  for r in v2drop/llava-onevision-7b-video-25 v2drop/llava-onevision-7b-video-15 dycoke/llava-onevision-7b-video \
+           dycoke/llava-onevision-7b-video-evict fastvid/llava-onevision-7b-video holitom/llava-onevision-7b-video-15 \
+           prunevid/llava-onevision-7b-video; do
+    run video "${r//\//-}" "$r" --synthetic "$OV" --vision-tokens 6272 --frames 32 --text-tokens 40 --repeat 2 --new-tokens 8 --no-limit
+  done ;;
+*) echo "unknown group $g (cpu, input, scaling, video)" >&2; exit 2 ;;
 esac; done
