@@ -224,6 +224,7 @@ class Variant:
     overhead_s: list = field(default_factory=list)
     peak_bytes: Optional[int] = None
     kv_bytes: int = 0
+    kv_bytes_decoded: int = 0  # after the decode steps (decode stages in evict mode free rows)
     tokens_per_layer: list = field(default_factory=list)
 
     def median(self, name: str) -> float:
@@ -370,6 +371,9 @@ class _HFRunner:
                     cache = _hf_prefill(s, handle)
                 v.peak_bytes = mem.peak
                 v.kv_bytes = _cache_bytes(cache)
+                if s.new_tokens > 0 and self.name in ("untouched", "recipe"):  # the two compared in the report
+                    _hf_decode(s, cache)
+                    v.kv_bytes_decoded = _cache_bytes(cache)
                 L, n_vis = s.embeds.shape[1], int(s.vision[0].sum())
                 if handle is not None:
                     self.stats = handle.stats
@@ -876,6 +880,7 @@ def _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, n
         "generate_s": timed_row(base.median("generate_s"), comp.median("generate_s"), gen),
         "peak_memory_bytes": plain_row(base.peak_bytes, comp.peak_bytes),
         "kv_cache_bytes": plain_row(base.kv_bytes, comp.kv_bytes),
+        "kv_cache_bytes_after_decode": plain_row(base.kv_bytes_decoded, comp.kv_bytes_decoded),
         "prefill_flops": plain_row(f_base, f_comp),
         "decode_flops": plain_row(d_base, d_comp),
     }
