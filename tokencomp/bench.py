@@ -988,7 +988,7 @@ def format_report(rep: dict[str, Any]) -> str:
     def fmt(key, value):
         if value is None or value != value:
             return "-"
-        if key.endswith("_bytes"):
+        if "_bytes" in key:
             return f"{value / 2**20:.1f} MiB"
         if key.endswith("_flops"):
             return f"{value / 1e9:.2f} G"
