@@ -539,18 +539,10 @@ def _load(args):
 
 
 def _real_inputs(args, model, processor):
-    from .runner import _load_images
+    from .runner import _load_images, load_video
 
     images = _load_images(args.image)
-    video = None
-    if args.video:
-        folder = Path(args.video)
-        if not folder.is_dir():
-            raise UsageError(f"--video {args.video}: no such folder")
-        frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        if not frames:
-            raise UsageError(f"--video {args.video}: no .png/.jpg frames in this folder")
-        video = _load_images(frames, "--video")
+    video = load_video(args.video) if args.video else None
     content = [{"type": "image"} for _ in images] + ([{"type": "video"}] if video else [])
     content.append({"type": "text", "text": args.prompt})
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)

@@ -452,6 +452,17 @@ def _demo_toy(args, recipe) -> int:
     return 0
 
 
+def load_video(path: str):
+    """The frames of ``--video FOLDER`` (its .png / .jpg files in name order), decoded now."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UsageError(f"--video {path}: {'not a folder' if folder.exists() else 'no such folder'} (expected a folder of frame images)")
+    frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not frames:
+        raise UsageError(f"--video {path}: no .png/.jpg frames in this folder")
+    return _load_images(frames, "--video")
+
+
 def _load_images(paths, option: str = "--image"):
     """Decode every image now, so that a missing or broken file fails before the model loads."""
     from PIL import Image, UnidentifiedImageError
@@ -542,15 +553,7 @@ def cmd_run(args) -> int:
 
     recipe = tokencomp.load_recipe(args.recipe)
     images = _load_images(args.image)
-    video = None
-    if args.video:
-        folder = Path(args.video)
-        if not folder.is_dir():
-            raise UsageError(f"--video {args.video}: {'not a folder' if folder.exists() else 'no such folder'} (expected a folder of frame images)")
-        frames = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        if not frames:
-            raise UsageError(f"--video {args.video}: no .png/.jpg frames in this folder")
-        video = _load_images(frames, "--video")
+    video = load_video(args.video) if args.video else None
     if args.heatmap:
         check_output(args.heatmap, "--heatmap")
         if not images and video is None:
