@@ -108,7 +108,7 @@ def test_signals_keep_the_vision_tower_on_its_kernel():
     assert tower_hooks() == before
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
 def test_a_family_without_the_signal_is_refused_at_apply(family):
     with pytest.raises(UnsupportedModelError, match=r"'cls_attention' needs the vision-tower signal cls_attention"):
         tokencomp.apply(tiny(family), VISIONZIP)
@@ -122,3 +122,61 @@ def test_inputs_embeds_without_the_tower_is_a_clear_error():
     with torch.no_grad(), tokencomp.apply(model, VISIONZIP) as h, h.vision_mask(vision):
         with pytest.raises(UnsupportedModelError, match="vision tower did not run"):
             model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+
+
+def deep_anyres(family, attn="sdpa"):
+    cfg = tiny_config(family, attn=attn)
+    cfg.vision_config.num_hidden_layers = 3
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _CLASSES[family]._from_config(cfg, attn_implementation=_attn_map(attn)).eval()
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_signal_goes_through_the_models_own_packing(family):
+    """NeXT / OneVision: the per-tile [CLS] rows are packed like the features (base tile first, then
+    the anyres grid with a newline row end = 0); on a square image nothing is unpadded, so the grid
+    part holds exactly the other tiles' rows."""
+    model = deep_anyres(family)
+    inputs = make_inputs(model, image_sizes=[(336, 336)])
+    eager = deep_anyres(family, "eager")
+    eager.load_state_dict(model.state_dict())
+    pixels = inputs["pixel_values"][0]  # (tiles, 3, h, w)
+    with torch.no_grad():
+        out = eager.model.vision_tower(pixels, output_attentions=True)
+    first = 1 if model.config.vision_feature_select_strategy == "default" else 0  # "full" keeps token 0 as a patch
+    rows = out.attentions[len(out.attentions) + model.config.vision_feature_layer][:, :, 0, first:].mean(1)  # (tiles, P)
+    seen = {}
+    from tokencomp.scorers.cls_attention import ClsAttentionScorer
+
+    original = ClsAttentionScorer.score
+
+    def spy(self, view):
+        seen["signal"] = view.signals["cls_attention"].clone()
+        return original(self, view)
+
+    ClsAttentionScorer.score = spy
+    try:
+        with torch.no_grad(), tokencomp.apply(model, {"schedule": {"stages": [{"phase": "input", "keep": 0.25, "scorer": "cls_attention"}]}}):
+            model(**inputs)
+    finally:
+        ClsAttentionScorer.score = original
+    vision = inputs["input_ids"][0] == model.config.image_token_id
+    signal = seen["signal"][0][vision]
+    P = rows.shape[1]
+    assert torch.allclose(signal[:P], rows[0], atol=1e-6)  # the base view, in order
+    grid = signal[P:]
+    newlines = grid == 0
+    assert int(newlines.sum()) == 8  # one per grid row
+    assert torch.allclose(grid[~newlines].sort().values, rows[1:].flatten().sort().values, atol=1e-6)
+
+
+def test_visionzip_on_next_batch_equals_single():
+    model = deep_anyres("llava_next")
+    inputs = make_inputs(model, batch=2, image_sizes=[(336, 336), (112, 336)])
+    with torch.no_grad(), tokencomp.apply(model, VISIONZIP):
+        batched = model.generate(**inputs, **gen_kwargs(model))
+        n_new = batched.sequences.shape[1] - inputs["input_ids"].shape[1]
+        for b in range(2):
+            solo = model.generate(**take_sample(inputs, b), **gen_kwargs(model))
+            assert torch.equal(solo.sequences[0, -n_new:], batched.sequences[b, -n_new:])

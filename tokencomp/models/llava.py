@@ -2,9 +2,11 @@
 beyond finding the image / video placeholder ids (NeXT's ``image_newline`` rows sit on placeholder
 slots too, so they count as vision tokens). OneVision videos are split into frames for quotas.
 
-Vision-tower signals (LLaVA-1.5): ``cls_attention`` from the CLIP layer whose output the projector
-reads (``vision_feature_layer``, −2: the layer VisionZip and FasterVLM read ``attentions[-2]`` of);
-each image's 576 patches map 1:1, in order, to its placeholder tokens."""
+Vision-tower signals: ``cls_attention`` from the CLIP / SigLIP layer whose output the projector reads
+(``vision_feature_layer``, −2: the layer VisionZip and FasterVLM read ``attentions[-2]`` of; for a
+tower without [CLS] the first token's row). LLaVA-1.5: each image's patches map 1:1, in order, to its
+placeholder tokens; NeXT / OneVision: the per-tile rows go through the model's own
+``pack_image_features`` (anyres tiles, unpadding, newline rows = 0)."""
 
 from __future__ import annotations
 
@@ -32,9 +34,7 @@ class LlavaAdapter(ModelAdapter):
         return (embeds == newline.to(embeds.dtype)).all(-1) & vision_mask
 
     def signal_names(self, model):
-        # NeXT's anyres tiles are unpadded and get newline rows: no 1:1 patch map (yet).
-        plain = type(model).__name__ == "LlavaForConditionalGeneration"
-        return ("cls_attention",) if plain and isinstance(model.config.vision_feature_layer, int) else ()
+        return ("cls_attention",) if isinstance(model.config.vision_feature_layer, int) else ()
 
     def install_signals(self, model, names, emit):
         cfg = model.config
@@ -60,17 +60,55 @@ class LlavaAdapter(ModelAdapter):
             row = torch.softmax((qh @ kh.transpose(-1, -2)) * attn.scale, dim=-1).mean(1)[:, 0]  # (N, T)
             local.row = (row[:, 1:] if strip_cls else row).reshape(-1)
 
+        base = model.model
+        packs = getattr(base, "pack_image_features", None)  # NeXT / OneVision: anyres tiles are packed
+
         def tower_done(module, args, out):
             row = getattr(local, "row", None)
             local.row = None
-            if row is not None:
-                emit("cls_attention", row, out)
+            if row is None:
+                return
+            if packs is None:
+                emit("cls_attention", row, out)  # LLaVA-1.5: patches map 1:1, in order
+            else:
+                local.pending = (row.view(out.last_hidden_state.shape[0], -1), out)
 
-        return [
+        handles = [
             attn.q_proj.register_forward_hook(keep_query),
             attn.k_proj.register_forward_hook(attention_row),
             tower.register_forward_hook(tower_done),
         ]
+        if packs is not None:
+            handles.append(_PackSignals(base, packs, local, emit))
+        return handles
+
+
+class _PackSignals:
+    """Runs the model's own ``pack_image_features`` (tiles, unpadding, newline rows, OneVision's
+    downsampling) on the per-patch signal as well, so it lands on the LLM's vision tokens in the
+    model's order (newline rows get 0). Installed as an instance attribute; ``remove()`` deletes it."""
+
+    def __init__(self, base, original, local, emit):
+        self.base, self.original, self.local, self.emit = base, original, local, emit
+        base.pack_image_features = self
+
+    def __call__(self, image_features, *args, **kwargs):
+        out = self.original(image_features, *args, **kwargs)
+        pending = getattr(self.local, "pending", None)
+        self.local.pending = None
+        if pending is not None:
+            rows, carrier = pending
+            sizes = [f.shape[0] for f in image_features]
+            signal = [r[..., None].to(f.dtype) for r, f in zip(torch.split(rows, sizes), image_features)]
+            kwargs = dict(kwargs, image_newline=torch.zeros(1, dtype=rows.dtype, device=rows.device))
+            packed = self.original(signal, *args, **kwargs)[0]
+            packed = torch.cat(list(packed)) if isinstance(packed, (list, tuple)) else packed
+            self.emit("cls_attention", packed.reshape(-1).float(), carrier)
+        return out
+
+    def remove(self) -> None:
+        if self.base.__dict__.get("pack_image_features") is self:
+            del self.base.pack_image_features
 
 
 class LlavaOnevisionAdapter(LlavaAdapter):
