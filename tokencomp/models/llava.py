@@ -16,6 +16,7 @@ import threading
 import torch
 
 import tokencomp
+from tokencomp.errors import UsageError
 from tokencomp.interfaces import ModelAdapter, token_runs
 
 
@@ -109,6 +110,12 @@ class _PackSignals:
     def remove(self) -> None:
         if self.base.__dict__.get("pack_image_features") is self:
             del self.base.pack_image_features
+
+    def __deepcopy__(self, memo):
+        raise UsageError(
+            "cannot copy.deepcopy a model while a tokencomp recipe is applied to it: copy before apply() or after "
+            "remove(), then apply the recipe to the copy"
+        )
 
 
 class LlavaOnevisionAdapter(LlavaAdapter):
