@@ -39,7 +39,7 @@ import torch
 
 from . import masks as M
 from .decode import Decode, meta_of
-from .errors import PluginError, UnsupportedModelError, UsageError
+from .errors import PluginError, UnsupportedModelError, UsageError, copy_refused
 from .interfaces import Schedule, Stage
 from .plugins import registry
 from .prefill import Prefill
@@ -416,10 +416,7 @@ class _GuardedForward:
         return self._handle._run_forward(self._inner, args, kwargs)
 
     def __deepcopy__(self, memo):
-        raise UsageError(
-            "cannot copy.deepcopy a model while a tokencomp recipe is applied to it: the copy would share this "
-            "handle's hooks. Copy before apply() or after remove(), then apply the recipe to the copy"
-        )
+        raise copy_refused()
 
     def __reduce__(self):
         raise UsageError("cannot pickle a model while a tokencomp recipe is applied to it; remove() it first")

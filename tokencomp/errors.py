@@ -39,3 +39,12 @@ class UsageError(TokencompError, ValueError, RuntimeError):
     """The API or the command line was used wrongly: an invalid argument or input shape, a recipe
     applied twice, a compacted KV cache reused after ``remove()`` or under another handle.
     (Also a ``ValueError`` and a ``RuntimeError``, the types such misuse raised before.)"""
+
+
+def copy_refused() -> UsageError:
+    """The error for ``copy.deepcopy`` of a model while a recipe is applied (raised by everything the
+    engine or an adapter attaches to the model)."""
+    return UsageError(
+        "cannot copy.deepcopy a model while a tokencomp recipe is applied to it: the copy would share this "
+        "handle's hooks. Copy before apply() or after remove(), then apply the recipe to the copy"
+    )

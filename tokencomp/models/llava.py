@@ -16,7 +16,7 @@ import threading
 import torch
 
 import tokencomp
-from tokencomp.errors import UsageError
+from tokencomp.errors import copy_refused
 from tokencomp.interfaces import ModelAdapter, token_runs
 
 
@@ -112,10 +112,7 @@ class _PackSignals:
             del self.base.pack_image_features
 
     def __deepcopy__(self, memo):
-        raise UsageError(
-            "cannot copy.deepcopy a model while a tokencomp recipe is applied to it: copy before apply() or after "
-            "remove(), then apply the recipe to the copy"
-        )
+        raise copy_refused()
 
 
 class LlavaOnevisionAdapter(LlavaAdapter):
