@@ -9,9 +9,9 @@ import torch
 
 import tokencomp
 from tokencomp.errors import RecipeError
-from tokencomp.testing import make_inputs, take_sample, vision_token_ids
+from tokencomp.testing import make_inputs, vision_token_ids
 
-from test_engine import gen_kwargs, tiny
+from test_engine import assert_rows_match_solo, gen_kwargs, tiny
 
 FAMILIES = ("llava", "llava_onevision", "qwen2_vl", "qwen3_vl")
 
@@ -42,13 +42,7 @@ def test_decode_stage_batch_equals_single(family, mode):
     inputs = make_inputs(model, batch=3, padding="left")
     with torch.no_grad(), tokencomp.apply(model, recipe(0.25, mode)):
         batched = model.generate(**inputs, **gen_kwargs(model))
-        n_new = batched.sequences.shape[1] - inputs["input_ids"].shape[1]
-        for b in range(3):
-            solo = model.generate(**take_sample(inputs, b), **gen_kwargs(model))
-            assert torch.equal(solo.sequences[0, -n_new:], batched.sequences[b, -n_new:])
-            for x, y in zip(solo.scores, batched.scores):
-                finite = torch.isfinite(x[0])
-                assert (x[0][finite] - y[b][finite]).abs().max() < 1e-4
+        assert_rows_match_solo(model, inputs, batched)
 
 
 def test_decode_stage_changes_generation_and_evict_frees_the_cache():
@@ -161,10 +155,4 @@ def test_decode_stage_on_video_batch_equals_single_and_keep_1_is_identity(family
             assert torch.equal(model.generate(**inputs, **gen_kwargs(model)).sequences, ref.sequences)
         with tokencomp.apply(model, recipe(0.2, mode)):
             batched = model.generate(**inputs, **gen_kwargs(model))
-            n_new = batched.sequences.shape[1] - inputs["input_ids"].shape[1]
-            for b in range(2):
-                solo = model.generate(**take_sample(inputs, b), **gen_kwargs(model))
-                assert torch.equal(solo.sequences[0, -n_new:], batched.sequences[b, -n_new:])
-                for x, y in zip(solo.scores, batched.scores):
-                    finite = torch.isfinite(x[0])
-                    assert (x[0][finite] - y[b][finite]).abs().max() < 1e-4
+            assert_rows_match_solo(model, inputs, batched)

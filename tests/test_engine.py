@@ -155,19 +155,37 @@ def test_sampling_cache_equals_no_cache(family):
 # ------------------------------------------------------------------------------------------------
 
 
+def assert_rows_match_solo(model, inputs, batched, scores=True, handle=None, counts=None):
+    """Every row of a batched ``generate`` equals its sample generated alone: the same new tokens, and
+    (``scores``) the same logits within 1e-4; with ``handle`` and ``counts`` (the batch's
+    vision_tokens_per_layer) also the same tokens per layer."""
+    n_new = batched.sequences.shape[1] - inputs["input_ids"].shape[1]
+    for b in range(inputs["input_ids"].shape[0]):
+        solo = model.generate(**take_sample(inputs, b), **gen_kwargs(model))
+        if counts is not None:
+            assert handle.stats.vision_tokens_per_layer[0] == counts[b]
+        assert torch.equal(solo.sequences[0, -n_new:], batched.sequences[b, -n_new:])
+        for step, (x, y) in enumerate(zip(solo.scores, batched.scores) if scores else ()):
+            finite = torch.isfinite(x[0])
+            assert (x[0][finite] - y[b][finite]).abs().max() < 1e-4, f"sample {b} step {step}"
+
+
+def assert_cache_equals_replay(model, handle, inputs):
+    """Greedy ``generate`` with the compacted cache equals a cache-free recomputation that replays the
+    same selection (kept and summary positions); returns the cached output."""
+    cached = model.generate(**inputs, **gen_kwargs(model))
+    stats = handle.stats
+    with handle.replay(stats.kept_positions, stats.summary_positions):
+        fresh = model.generate(**inputs, use_cache=False, **gen_kwargs(model))
+    assert torch.equal(cached.sequences, fresh.sequences)
+    assert max_score_diff(cached, fresh) < 1e-4
+    return cached
+
+
 def _batch_vs_single(model, inputs, rec, padding):
     with torch.no_grad(), tokencomp.apply(model, rec) as h:
         batched = model.generate(**inputs, **gen_kwargs(model))
-        batched_counts = h.stats.vision_tokens_per_layer
-        n_new = batched.sequences.shape[1] - inputs["input_ids"].shape[1]
-        for b in range(inputs["input_ids"].shape[0]):
-            one = take_sample(inputs, b)
-            solo = model.generate(**one, **gen_kwargs(model))
-            assert h.stats.vision_tokens_per_layer[0] == batched_counts[b]
-            assert torch.equal(solo.sequences[0, -n_new:], batched.sequences[b, -n_new:])
-            for step, (x, y) in enumerate(zip(solo.scores, batched.scores)):
-                finite = torch.isfinite(x[0])
-                assert (x[0][finite] - y[b][finite]).abs().max() < 1e-4, f"sample {b} step {step}"
+        assert_rows_match_solo(model, inputs, batched, handle=h, counts=h.stats.vision_tokens_per_layer)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -13,9 +13,9 @@ from tokencomp.errors import PluginError, RecipeError
 from tokencomp.interfaces import LayerView, Merger
 from tokencomp.mergers.contextual import ContextualMerger
 from tokencomp.mergers.nearest import NearestMerger
-from tokencomp.testing import FAMILIES, make_inputs, take_sample
+from tokencomp.testing import FAMILIES, make_inputs
 
-from test_engine import gen_kwargs, max_score_diff, tiny
+from test_engine import assert_cache_equals_replay, assert_rows_match_solo, tiny
 
 
 def recipe(stages, scorer="v2drop"):
@@ -102,16 +102,8 @@ def test_merge_cache_equals_no_cache_and_batch_equals_single(family, attn):
     model = tiny(family, attn)
     inputs = make_inputs(model, batch=2)
     with torch.no_grad(), tokencomp.apply(model, recipe(INPUT_MERGE)) as h:
-        cached = model.generate(**inputs, **gen_kwargs(model))
-        stats = h.stats
-        with h.replay(stats.kept_positions, stats.summary_positions):
-            fresh = model.generate(**inputs, use_cache=False, **gen_kwargs(model))
-        assert torch.equal(cached.sequences, fresh.sequences)
-        assert max_score_diff(cached, fresh) < 1e-4
-        n_new = cached.sequences.shape[1] - inputs["input_ids"].shape[1]
-        for b in range(2):
-            solo = model.generate(**take_sample(inputs, b), **gen_kwargs(model))
-            assert torch.equal(solo.sequences[0, -n_new:], cached.sequences[b, -n_new:])
+        cached = assert_cache_equals_replay(model, h, inputs)
+        assert_rows_match_solo(model, inputs, cached, scores=False)
 
 
 def test_merging_changes_the_output_and_keep_1_is_the_identity():

@@ -8,9 +8,9 @@ import torch
 
 import tokencomp
 from tokencomp.errors import UnsupportedModelError
-from tokencomp.testing import _CLASSES, _attn_map, make_inputs, take_sample, tiny_config
+from tokencomp.testing import _CLASSES, _attn_map, make_inputs, tiny_config
 
-from test_engine import gen_kwargs, max_score_diff, tiny
+from test_engine import assert_cache_equals_replay, assert_rows_match_solo, gen_kwargs, tiny
 
 
 def deep_llava(attn="sdpa", vision_layers=3):
@@ -75,17 +75,9 @@ def test_visionzip_recipe_cache_equals_no_cache_and_batch_equals_single(attn):
     model = deep_llava(attn)
     inputs = make_inputs(model, batch=2)
     with torch.no_grad(), tokencomp.apply(model, VISIONZIP) as h:
-        cached = model.generate(**inputs, **gen_kwargs(model))
-        stats = h.stats
-        assert [row[0] for row in stats.vision_tokens_per_layer] == [16, 16]
-        with h.replay(stats.kept_positions, stats.summary_positions):
-            fresh = model.generate(**inputs, use_cache=False, **gen_kwargs(model))
-        assert torch.equal(cached.sequences, fresh.sequences)
-        assert max_score_diff(cached, fresh) < 1e-4
-        n_new = cached.sequences.shape[1] - inputs["input_ids"].shape[1]
-        for b in range(2):
-            solo = model.generate(**take_sample(inputs, b), **gen_kwargs(model))
-            assert torch.equal(solo.sequences[0, -n_new:], cached.sequences[b, -n_new:])
+        cached = assert_cache_equals_replay(model, h, inputs)
+        assert [row[0] for row in h.stats.vision_tokens_per_layer] == [16, 16]
+        assert_rows_match_solo(model, inputs, cached, scores=False)
 
 
 def test_signals_keep_the_vision_tower_on_its_kernel():
@@ -176,7 +168,4 @@ def test_visionzip_on_next_batch_equals_single():
     inputs = make_inputs(model, batch=2, image_sizes=[(336, 336), (112, 336)])
     with torch.no_grad(), tokencomp.apply(model, VISIONZIP):
         batched = model.generate(**inputs, **gen_kwargs(model))
-        n_new = batched.sequences.shape[1] - inputs["input_ids"].shape[1]
-        for b in range(2):
-            solo = model.generate(**take_sample(inputs, b), **gen_kwargs(model))
-            assert torch.equal(solo.sequences[0, -n_new:], batched.sequences[b, -n_new:])
+        assert_rows_match_solo(model, inputs, batched, scores=False)
