@@ -33,20 +33,20 @@ import functools
 import threading
 import warnings
 import weakref
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from . import masks as M
 from .decode import Decode, meta_of
 from .errors import PluginError, UnsupportedModelError, UsageError, copy_refused
-from .interfaces import Schedule, Stage
+from .interfaces import Schedule, Selection, Stage
 from .plugins import registry
 from .prefill import Prefill
 from .recipe import Recipe, load_recipe
 from .stats import Stats
 
-__all__ = ["apply", "Handle", "Stats"]
+__all__ = ["apply", "Handle", "Stats", "prompt_vision_mask"]
 
 _SIGNALS_ATTR = "_tokencomp_signals"
 _active: "weakref.WeakKeyDictionary[torch.nn.Module, Handle]" = weakref.WeakKeyDictionary()
@@ -81,6 +81,7 @@ class Handle:
         self._keep_cache: dict[int, list[float]] = {}
         self._warned_grad = False
         self._last_stats = Stats()
+        self._prefill_listeners: list[Callable[[Stats], None]] = []
         self._tls = threading.local()
         self._hooks: list = []
         self._undo: list = []
@@ -182,6 +183,19 @@ class Handle:
         """What the last compressed forward *of this thread* did (or of any thread, if this one ran none)."""
         return getattr(self._tls, "stats", None) or self._last_stats
 
+    def on_prefill(self, callback: Callable[[Stats], None]) -> Callable[[], None]:
+        """Call ``callback(stats)`` after every compressed prefill, in the thread that ran it and before
+        the model's forward hooks see its output (a hook can pair the :class:`Stats` with its call, e.g.
+        to score the shorter logits with ``stats.output_positions``). Returns the function that
+        unregisters it."""
+        self._prefill_listeners.append(callback)
+
+        def unregister() -> None:
+            if callback in self._prefill_listeners:
+                self._prefill_listeners.remove(callback)
+
+        return unregister
+
     def remove(self) -> None:
         """Remove every hook and patch; the model is exactly as before :func:`apply`.
 
@@ -253,9 +267,18 @@ class Handle:
         return self._set_opt("explicit_mask", (mask, groups))
 
     def current(self) -> Union[Prefill, Decode, None]:
-        """The state of this thread's forward in progress (for adapters), or None."""
+        """The engine's own state of this thread's forward in progress, or None (adapters read
+        :meth:`selection` instead)."""
         stack = self._opt("stack")
         return stack[-1] if stack else None
+
+    def selection(self) -> Optional[Selection]:
+        """Which tokens this thread's compressed prefill carries now (a read-only :class:`Selection`),
+        or None outside a prefill and before its first drop: what a model adapter's patches may read."""
+        state = self.current()
+        if not isinstance(state, Prefill) or state.idx is None:
+            return None
+        return Selection(state.idx, state.alive)
 
     # ------------------------------------------------------------------ the model's forward
 
@@ -274,12 +297,15 @@ class Handle:
             # Also on KeyboardInterrupt: no state (which holds the cache) outlives its call.
             stack.pop()
         if isinstance(state, Prefill):
-            self._tls.stats = self._last_stats = state.stats()
+            stats = state.stats()
+            self._tls.stats = self._last_stats = stats
+            for callback in tuple(self._prefill_listeners):  # a copy: callbacks may unregister
+                callback(stats)
         return out
 
     def _start(self, args, kwargs) -> Union[Prefill, Decode, None]:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = forward_cache(kwargs)
         meta = meta_of(cache)
         if meta is not None and cache.get_seq_length() > 0:
             if meta.owner() is not self:
@@ -302,9 +328,9 @@ class Handle:
                     "(both must be (batch, sequence))"
                 )
             is_vision = explicit.to(device=ref.device, dtype=torch.bool)
-        elif embeds is None and input_ids is not None and input_ids.ndim == 2 and input_ids.shape[1] > 0:
-            is_vision = torch.isin(input_ids, self.vision_ids.to(input_ids.device))
         else:
+            is_vision = prompt_vision_mask(args, kwargs, self.vision_ids)
+        if is_vision is None:
             if embeds is not None:
                 warnings.warn(
                     "tokencomp: inputs_embeds-only call without a vision mask; nothing is compressed. "
@@ -394,6 +420,28 @@ class Handle:
             # generate() may run the tower before the prefill and hand its output back to every
             # forward as `mm_encoder_outputs`: the signal travels with that object.
             carrier.__dict__.setdefault(_SIGNALS_ATTR, {})[name] = values
+
+
+def forward_cache(kwargs: dict):
+    """The KV cache a model forward was given: ``past_key_values=``, or ``cache=`` (some models' inner calls)."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def prompt_vision_mask(args: tuple, kwargs: dict, vision_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (B, L) vision-token mask of a model forward that prefills a prompt given as ``input_ids``
+    (no KV cache, or an empty one) with vision tokens in it; None for every other forward: a decode
+    step, a prompt continued on a filled cache, an ``inputs_embeds`` call, a text-only prompt.
+
+    The engine compresses exactly these forwards (and ``inputs_embeds`` ones inside
+    :meth:`Handle.vision_mask`); integrations that describe untouched runs use the same test."""
+    cache = forward_cache(kwargs)
+    if cache is not None and cache.get_seq_length() > 0:
+        return None
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if kwargs.get("inputs_embeds") is not None or input_ids is None or input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        return None
+    is_vision = torch.isin(input_ids, vision_ids.to(input_ids.device))
+    return is_vision if bool(is_vision.any()) else None
 
 
 def _is_dynamic(cache) -> bool:
