@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import filecmp
+import io
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -490,6 +494,69 @@ def test_core_names_no_method():
         text = path.read_text(encoding="utf-8").lower()
         found = [m for m in methods if m in text]
         assert not found, f"{path.name} mentions {found}"
+
+
+FAMILY = re.compile(r"llava|qwen|onevision", re.IGNORECASE)
+FAMILY_HOMES = ("models", "toy", "testing.py", "checkpoints.py", "integrations")
+"""Where a model family may be named in code: its adapter (``tokencomp/models/``); the modules that
+build models of named families (tiny / synthetic test models, their checkpoints, the toy model); and
+integrations, which map each family to the other tool's own class for it (lmms-eval's ``llava_hf``)."""
+
+
+def family_names_in_code(source: str) -> list[str]:
+    """``line: token`` of every identifier, and every string literal without white space, that names a
+    model family (``LlavaForConditionalGeneration``, ``"qwen2_vl"``, ``.startswith("Qwen")``).
+    Comments, docstrings and prose (a string with a space: a message, a help text) may name families
+    as examples; code that dispatches on a family cannot do so in prose."""
+    docs = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            docs.update(range(node.lineno, node.end_lineno + 1))
+    found = []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.NAME:
+            named = FAMILY.search(tok.string)
+        elif tok.type == tokenize.STRING and tok.start[0] not in docs:
+            body = re.sub(r"^[A-Za-z]*('\'\'|\"\"\"|'|\")|('\'\'|\"\"\"|'|\")$", "", tok.string)  # f-strings too
+            named = not any(c.isspace() for c in body) and FAMILY.search(body)
+        else:
+            continue
+        if named:
+            found.append(f"{tok.start[0]}: {tok.string}")
+    return found
+
+
+def test_family_rule_catches_dispatch_and_allows_prose():
+    """The negative check of the rule below: dispatch on a family in any spelling is caught; prose is not."""
+    caught = [
+        "isinstance(model, transformers.LlavaForConditionalGeneration)",
+        "if type(model).__name__.startswith('Qwen'): pass",
+        "if cfg.model_type == 'llava_onevision': pass",
+        "llava_sizes = {}",
+        "spec = 'llava-1.5-7b:layers=8'",
+    ]
+    for code in caught:
+        assert family_names_in_code(code), code
+    allowed = [
+        "x = 1  # LLaVA-NeXT rows end in a newline token",
+        'def f():\n    """Qwen3-VL deepstack."""\n',
+        "raise ValueError('use a video model: Qwen2-VL, LLaVA-OneVision')",
+        "name = 'v2drop'",
+    ]
+    for code in allowed:
+        assert not family_names_in_code(code), code
+
+
+def test_core_names_no_model_family():
+    """Model-family knowledge lives in the adapters: the core (every module outside
+    :data:`FAMILY_HOMES`) names no family in its code (see :func:`family_names_in_code`)."""
+    core = Path(plugins.__file__).parent
+    found = {}
+    for path in sorted(core.rglob("*.py")):
+        rel = path.relative_to(core)
+        if rel.parts[0] not in FAMILY_HOMES:
+            found[str(rel)] = family_names_in_code(path.read_text(encoding="utf-8"))
+    assert "engine.py" in found and not any(found.values()), {k: v for k, v in found.items() if v}
 
 
 def test_one_default_per_kind_and_default_recipe():

@@ -62,16 +62,6 @@ NEW_TOKENS = 3
 ATOL = 1e-4
 """Largest difference allowed between logits that should be equal up to kernel rounding."""
 
-# Two images sizes per family for the batch check: samples with different vision-token counts.
-_RAGGED = {
-    "qwen2_vl": [(112, 224), (56, 112)],
-    "qwen2_5_vl": [(112, 224), (56, 112)],
-    "qwen3_vl": [(112, 224), (56, 112)],
-    "llava_next": [(56, 112), (112, 112)],
-    "llava_onevision": [(56, 112), (112, 112)],
-}
-
-
 class ContractError(PluginError, AssertionError):
     """A plugin failed its contract; the message lists every failed (family, invariant). A
     :class:`~tokencomp.PluginError`, and an ``AssertionError`` so that test runners report a failure."""
@@ -371,7 +361,7 @@ class _Run:
     def go(self) -> None:
         import tokencomp
 
-        from .testing import make_inputs, take_sample
+        from .testing import RAGGED_IMAGE_SIZES, make_inputs, take_sample
 
         model = tiny_model(self.family)
         stages = self.make_stages(0.5)
@@ -438,7 +428,7 @@ class _Run:
 
         # batch == single --------------------------------------------------------------------
         def batch():
-            sizes = _RAGGED.get(self.family)
+            sizes = RAGGED_IMAGE_SIZES.get(self.family)
             inputs = make_inputs(model, batch=2, image_sizes=sizes)
             pads = _left_pad(inputs)
             problems = []

@@ -1,4 +1,6 @@
-"""The plugin interfaces: :class:`Scorer`, :class:`Selector`, :class:`Schedule`, :class:`ModelAdapter`.
+"""The plugin interfaces: :class:`Scorer`, :class:`Selector`, :class:`Merger`, :class:`Schedule`,
+:class:`ModelAdapter`, and the read-only views the engine gives them (:class:`LayerView` to scorers,
+selectors and mergers; :class:`Selection` to a model adapter's patches).
 
 Plugins subclass these as small dataclasses: the dataclass fields *are* the parameters a recipe may
 set (their type hints are the schema the recipe loader validates against), and the class attribute
@@ -216,11 +218,37 @@ class Schedule(_Plugin):
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Read-only view of the tokens a compressed prefill carries right now, for model adapters that
+    patch the model (e.g. Qwen3-VL deepstack features, which must follow the kept tokens).
+
+    :meth:`tokencomp.Handle.selection` returns one while a prefill of the calling thread runs after
+    its first drop; adapters must not modify its tensors."""
+
+    positions: torch.Tensor
+    """``(B, S)`` long: the original sequence position of each token the decoder now carries."""
+    alive: torch.Tensor
+    """``(B, S)`` bool: False on filler slots (a short row of a ragged batch, padded with dropped tokens)."""
+
+
+def _config_int(config, *names: str) -> Optional[int]:
+    """The first of ``names`` that ``config`` sets to an int (transformers spells ids two ways)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+@dataclass(frozen=True)
 class ModelAdapter(_Plugin):
-    """Tells the engine where things are in one family of Hugging Face models.
+    """Tells the engine where things are in one family of Hugging Face models: everything tokencomp
+    knows about a model family lives in its adapter.
 
     Adapters stay thin: the engine does all the model surgery. ``model_classes`` lists the class names
-    handled (subclasses match too).
+    handled (subclasses match too). An adapter is built from the model's config by
+    :meth:`from_config` and is immutable: what a family needs from the config becomes a field there.
     """
 
     model_classes: ClassVar[tuple[str, ...]] = ()
@@ -228,15 +256,25 @@ class ModelAdapter(_Plugin):
     """Whether input stages may renumber positions (one position per token, RoPE from the decoder's
     ``rotary_emb``); False for multi-axis positions such as M-RoPE."""
 
-    def vision_token_ids(self, model) -> list[int]:
-        """Placeholder token ids that mark vision tokens in ``input_ids`` (image and video)."""
-        cfg = model.config
-        ids = []
-        for attr in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
-            value = getattr(cfg, attr, None)
-            if isinstance(value, int) and value not in ids:
-                ids.append(value)
-        return ids
+    image_token_id: Optional[int] = None
+    """Placeholder id of image tokens in ``input_ids`` (None: the family takes no images)."""
+    video_token_id: Optional[int] = None
+    """Placeholder id of video tokens (None: the family takes no video)."""
+
+    @classmethod
+    def from_config(cls, config) -> "ModelAdapter":
+        """The adapter of a model with this (top-level) config. Subclasses that need more of the
+        config extend this (``dataclasses.replace(super().from_config(config), field=...)``)."""
+        return cls(
+            image_token_id=_config_int(config, "image_token_id", "image_token_index"),
+            video_token_id=_config_int(config, "video_token_id", "video_token_index"),
+        )
+
+    def vision_token_ids(self, model=None) -> list[int]:
+        """Placeholder token ids that mark vision tokens in ``input_ids`` (image, then video).
+        ``model`` is not needed (the adapter was built from its config); it is accepted because
+        callers written for earlier versions pass it."""
+        return [i for i in dict.fromkeys((self.image_token_id, self.video_token_id)) if i is not None]
 
     def rotary(self, model) -> torch.nn.Module:
         """The module computing ``(cos, sin)`` from position ids (for renumbered input stages)."""
@@ -260,6 +298,18 @@ class ModelAdapter(_Plugin):
         ``image_newline``), found on the decoder's input embeddings; None if the family has none."""
         return None
 
+    def token_layout(self, model, inputs: dict, sample: int = 0, *, processor=None, image_sizes=None) -> list:
+        """Where each vision token of ``inputs[sample]`` lies in its picture: a list of
+        :class:`tokencomp.heatmap.Region` (one per image, view or video frame).
+
+        With ``processor`` (the one that made ``inputs``) each region also gets its ``box`` in the
+        original picture, replayed from the processor's geometry; ``image_sizes`` lists the original
+        ``(height, width)`` of the sample's images where ``inputs`` do not carry them. Default: no
+        layout (:class:`~tokencomp.UnsupportedModelError`)."""
+        from .errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"the {self.name!r} adapter draws no token layout for {type(model).__name__}")
+
     def signal_names(self, model) -> tuple[str, ...]:
         """Vision-tower signals this adapter can compute for ``model`` (default: none). Known names:
 
@@ -277,5 +327,7 @@ class ModelAdapter(_Plugin):
         return []
 
     def install(self, model, engine) -> Optional[Callable[[], None]]:
-        """Install family-specific patches (e.g. Qwen3-VL deepstack); return a function that undoes them."""
+        """Install family-specific patches (e.g. Qwen3-VL deepstack); return a function that undoes them.
+        ``engine`` is the :class:`tokencomp.Handle`; a patch that must follow the dropped tokens reads
+        ``engine.selection()`` (a :class:`Selection`), nothing else of the engine."""
         return None

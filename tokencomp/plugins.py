@@ -138,19 +138,29 @@ class Registry:
             msg += "; note: " + "; ".join(str(e) for e in self.errors)
         return msg
 
-    def adapter_for(self, model) -> ModelAdapter:
-        """Instantiate the model adapter whose ``model_classes`` match ``type(model)`` or a base class."""
-        mro = [c.__name__ for c in type(model).__mro__]
-        for cname in mro:
+    def adapter_class(self, model_class: type) -> Optional[type]:
+        """The adapter class whose ``model_classes`` name ``model_class`` or its nearest base class, or None."""
+        for cname in (c.__name__ for c in model_class.__mro__):
             for entry in self.entries["model_adapter"].values():
                 if cname in entry.cls.model_classes:
-                    return entry.cls()
+                    return entry.cls
+        return None
+
+    def supported_classes(self) -> list[str]:
+        """Every model class name some adapter handles, sorted."""
+        return sorted(c for e in self.entries["model_adapter"].values() for c in e.cls.model_classes)
+
+    def adapter_for(self, model) -> ModelAdapter:
+        """The model adapter of ``model`` (its class or a base class is in the adapter's ``model_classes``),
+        built from the model's config."""
+        cls = self.adapter_class(type(model))
+        if cls is not None:
+            return cls.from_config(model.config)
         from .errors import UnsupportedModelError
 
-        supported = sorted(c for e in self.entries["model_adapter"].values() for c in e.cls.model_classes)
         raise UnsupportedModelError(
             f"no tokencomp model adapter for {type(model).__name__}; supported classes: "
-            f"{', '.join(supported)}. To add one, write a ModelAdapter subclass and register it with a "
+            f"{', '.join(self.supported_classes())}. To add one, write a ModelAdapter subclass and register it with a "
             "`register_model_adapters` hook in a plugin (see plugins/ in the tokencomp repository)."
         )
 

@@ -16,7 +16,7 @@ from .errors import UnsupportedModelError, UsageError
 from .progress import progress
 
 DEMO_LAYERS = 32
-DEMO_IMAGE = 336  # LLaVA-1.5's CLIP-336 input: 24 x 24 = 576 vision tokens
+DEMO_IMAGE = 336  # the demo model's input side: 24 x 24 patches of 14 px = 576 vision tokens
 
 
 def add_commands(sub) -> None:
@@ -49,8 +49,9 @@ def add_commands(sub) -> None:
     p.add_argument("recipe", metavar="RECIPE")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint id or path")
-    src.add_argument("--synthetic", type=synthetic_spec, default="llava-1.5-7b:layers=8,hidden=1024,heads=16,kv_heads=16,intermediate=2816",
-                     help="random-weight model with a real decoder shape: NAME[:layers=N,hidden=H,...]")
+    src.add_argument("--synthetic", type=synthetic_spec,
+                     help="random-weight model with a real decoder shape: NAME[:layers=N,hidden=H,...] "
+                          "(default: a narrowed LLaVA-1.5-7B shape, tokencomp.testing.BENCH_SYNTHETIC)")
     p.add_argument("--vision-tokens", type=positive_int, nargs="+", default=[576], help="one or more vision-token counts")
     p.add_argument("--text-tokens", type=nonnegative_int, default=60)
     p.add_argument("--batch", type=positive_int, default=1)
@@ -177,25 +178,28 @@ def check_model(model_id: str) -> None:
     cls_name = _image_text_class(config)
     if cls_name is None:
         raise UsageError(f"--model {model_id}: model_type {config.model_type!r} is not a vision-language (image-text-to-text) model")
-    import transformers
+    if _adapter_class(config) is None:
+        from .plugins import registry
 
-    from .plugins import registry
-
-    cls = getattr(transformers, cls_name, None)
-    names = {c.__name__ for c in cls.__mro__} if isinstance(cls, type) else {cls_name}
-    supported = sorted(c for e in registry().entries["model_adapter"].values() for c in e.cls.model_classes)
-    if not names & set(supported):
+        supported = registry().supported_classes()
         raise UnsupportedModelError(f"--model {model_id}: {cls_name} is not supported by tokencomp; supported: {', '.join(supported)}")
     return config
 
 
-#: model_type of the families whose processors (their video processors) need torchvision.
-NEEDS_TORCHVISION = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+def _adapter_class(config):
+    """The adapter class of the model class that ``config`` loads as, or None."""
+    import transformers
+
+    from .plugins import registry
+
+    cls = getattr(transformers, _image_text_class(config) or "", None)
+    return registry().adapter_class(cls) if isinstance(cls, type) else None
 
 
 def check_processor_deps(model_id: str, config) -> None:
-    """Qwen and OneVision processors cannot be built without torchvision: say so in one line."""
-    if getattr(config, "model_type", None) not in NEEDS_TORCHVISION:
+    """Processors of video models cannot be built without torchvision (transformers 5's video
+    processors need it, and those processors include one): say so in one line."""
+    if not takes_video(config):
         return
     try:
         import torchvision  # noqa: F401
@@ -208,8 +212,9 @@ def check_processor_deps(model_id: str, config) -> None:
 
 
 def takes_video(config) -> bool:
-    """Whether the model has a video placeholder token (Qwen, OneVision); LLaVA-1.5 / NeXT do not."""
-    return any(getattr(config, k, None) is not None for k in ("video_token_id", "video_token_index"))
+    """Whether the model has a video placeholder token (its adapter says, from the config)."""
+    cls = _adapter_class(config)
+    return cls is not None and cls.from_config(config).video_token_id is not None
 
 
 def _image_text_class(config):
@@ -259,6 +264,10 @@ def cmd_bench(args) -> int:
     if args.model:
         check_model(args.model)
     dtype = getattr(torch, args.dtype)
+    if not args.model and not args.synthetic:
+        from .testing import BENCH_SYNTHETIC
+
+        args.synthetic = BENCH_SYNTHETIC
     spec = args.model or f"synthetic {args.synthetic}"
     results = []
     try:
@@ -317,42 +326,6 @@ def _print_markdown(args, results) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def build_demo_model():
-    """A random-weight LLaVA-1.5 with the real 32-layer depth and 576 vision tokens per image, but a
-    narrow decoder (hidden 256) so it runs on a laptop CPU in well under a second."""
-    import transformers
-
-    from .testing import _CLASSES, tiny_config
-
-    cfg = tiny_config("llava", layers=DEMO_LAYERS)
-    cfg.vision_config.image_size = DEMO_IMAGE
-    cfg.image_seq_length = (DEMO_IMAGE // 14) ** 2
-    text = cfg.get_text_config()
-    text.hidden_size, text.intermediate_size = 256, 1024
-    text.num_attention_heads, text.num_key_value_heads = 8, 8
-    text.head_dim = 32
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = _CLASSES["llava"](cfg).eval()
-    assert isinstance(model, transformers.LlavaForConditionalGeneration)
-    return model
-
-
-def demo_inputs(model, image: torch.Tensor, prompt_len: int = 24, seed: int = 0):
-    """LLaVA-style prompt ids around 576 image placeholders, and CLIP-normalised pixels."""
-    from .testing import BOS_ID, IMAGE_ID, TEXT_ID_MIN, VOCAB_SIZE
-
-    gen = torch.Generator().manual_seed(seed)
-    n = model.config.image_seq_length
-    pre = torch.randint(TEXT_ID_MIN, VOCAB_SIZE, (prompt_len,), generator=gen)
-    post = torch.randint(TEXT_ID_MIN, VOCAB_SIZE, (prompt_len // 2,), generator=gen)
-    ids = torch.cat([torch.tensor([BOS_ID]), pre, torch.full((n,), IMAGE_ID), post])[None]
-    mean = torch.tensor([0.481, 0.458, 0.408])[:, None, None]
-    std = torch.tensor([0.269, 0.261, 0.276])[:, None, None]
-    pixels = ((image - mean) / std)[None]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
-
-
 def cmd_demo(args) -> int:
     import tokencomp
     from .flops import DecoderShape, prefill_flops_compared
@@ -366,7 +339,9 @@ def cmd_demo(args) -> int:
     check_output(args.out, "--out")
     if not args.synthetic:
         return _demo_toy(args, recipe)
-    model = build_demo_model()
+    from .testing import build_demo_model, demo_inputs
+
+    model = build_demo_model(DEMO_LAYERS, DEMO_IMAGE)
     image = demo_picture(DEMO_IMAGE)
     inputs = demo_inputs(model, image)
     n_layers = model.config.get_text_config().num_hidden_layers
@@ -421,7 +396,10 @@ def _demo_toy(args, recipe) -> int:
     words = processor.tokenizer.convert_ids_to_tokens(first)
     q = next((c for c, w in zip(candidates, words) if w == c.answer), candidates[0])
     inputs = harness.encode(processor, [q])
-    n_vision = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    from .plugins import registry
+
+    vision_ids = torch.tensor(registry().adapter_for(model).vision_token_ids())
+    n_vision = int(torch.isin(inputs["input_ids"], vision_ids).sum())
     name = recipe.name or (recipe.source if recipe.source != "<dict>" else f"default ({recipe.scorer.name} scorer, {recipe.schedule.name} schedule)")
     print(f"model: the shipped toy LLaVA ({n_layers} layers, {n_vision} vision tokens; trained on generated shape scenes, "
           f"weak: see ACCURACY.md); recipe: {name}   (--synthetic: the random-weight LLaVA-1.5 shape)")

@@ -94,6 +94,15 @@ _QWEN_TEMPORAL = 2
 _QWEN_VIDEO_FRAMES = 4  # -> grid t = 2, so videos really have several temporal steps
 _QWEN_VIDEO_SIZE = (112, 112)  # -> grid (2, 8, 8) = 32 tokens
 
+#: Two image sizes per family whose samples then differ in vision-token count (ragged batches).
+RAGGED_IMAGE_SIZES = {
+    "qwen2_vl": [(112, 224), (56, 112)],
+    "qwen2_5_vl": [(112, 224), (56, 112)],
+    "qwen3_vl": [(112, 224), (56, 112)],
+    "llava_next": [(56, 112), (112, 112)],
+    "llava_onevision": [(56, 112), (112, 112)],
+}
+
 # Default image (H, W) per family when make_inputs gets no image_sizes.
 _DEFAULT_IMAGE = {
     "llava": (_LLAVA_IMAGE, _LLAVA_IMAGE),  # 64 tokens
@@ -329,13 +338,10 @@ def _family_of(model) -> str:
 
 
 def vision_token_ids(model) -> list[int]:
-    """Image (and, where the family has one, video) placeholder token ids, read from the config."""
-    cfg = model.config
-    ids = [cfg.image_token_id]
-    video = getattr(cfg, "video_token_id", None)
-    if video is not None:
-        ids.append(video)
-    return ids
+    """Image (and, where the family has one, video) placeholder token ids: the model adapter's."""
+    from .plugins import registry
+
+    return registry().adapter_for(model).vision_token_ids()
 
 
 def suppress_ids(model) -> list[int]:
@@ -671,6 +677,10 @@ def parse_synthetic(spec: str) -> tuple[str, dict]:
     return family, dims
 
 
+BENCH_SYNTHETIC = "llava-1.5-7b:layers=8,hidden=1024,heads=16,kv_heads=16,intermediate=2816"
+"""``tokencomp bench``'s default model: LLaVA-1.5-7B's decoder, narrowed and shortened to run in seconds."""
+
+
 def build_synthetic(spec: str, *, attn: str = "sdpa", dtype=torch.float32, seed: int = 0):
     """A random-weight model of the family of ``spec`` whose text decoder has the real shape.
 
@@ -696,4 +706,36 @@ def build_synthetic(spec: str, *, attn: str = "sdpa", dtype=torch.float32, seed:
         torch.manual_seed(seed)
         model = _CLASSES[family](cfg).to(dtype).eval()
     return model
+
+
+def build_demo_model(layers: int, image_size: int):
+    """``tokencomp demo --synthetic``'s model: a random-weight LLaVA-1.5 with ``layers`` decoder layers
+    and ``(image_size / 14)^2`` vision tokens per image, but a narrow decoder (hidden 256) so it runs
+    on a laptop CPU in well under a second."""
+    cfg = tiny_config("llava", layers=layers)
+    cfg.vision_config.image_size = image_size
+    cfg.image_seq_length = (image_size // 14) ** 2
+    text = cfg.get_text_config()
+    text.hidden_size, text.intermediate_size = 256, 1024
+    text.num_attention_heads, text.num_key_value_heads = 8, 8
+    text.head_dim = 32
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _CLASSES["llava"](cfg).eval()
+
+
+def demo_inputs(model, image: torch.Tensor, prompt_len: int = 24, seed: int = 0) -> dict:
+    """Inputs of :func:`build_demo_model`: LLaVA-style prompt ids around the image placeholders, and
+    CLIP-normalised pixels of ``image`` (a ``(3, H, W)`` tensor in [0, 1] of the model's input size)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = model.config.image_seq_length
+    pre = torch.randint(TEXT_ID_MIN, VOCAB_SIZE, (prompt_len,), generator=gen)
+    post = torch.randint(TEXT_ID_MIN, VOCAB_SIZE, (prompt_len // 2,), generator=gen)
+    ids = torch.cat([torch.tensor([BOS_ID]), pre, torch.full((n,), IMAGE_ID), post])[None]
+    mean = torch.tensor([0.481, 0.458, 0.408])[:, None, None]
+    std = torch.tensor([0.269, 0.261, 0.276])[:, None, None]
+    pixels = ((image - mean) / std)[None]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
 from .checkpoints import save_tiny_checkpoint  # noqa: E402,F401
