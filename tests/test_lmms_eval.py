@@ -271,26 +271,6 @@ def test_loglikelihood(llava_dir, recipe_file, tmp_path):
         assert la == pytest.approx(lb, rel=1e-4, abs=1e-5) and ga == gb
 
 
-def test_loss_from_surviving_logits_matches_full_logits():
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    from tokencomp.integrations.lmms_eval import TokencompModel
-
-    torch.manual_seed(0)
-    B, L, V = 2, 10, 7
-    full = torch.randn(B, L, V)
-    labels = torch.full((B, L), -100)
-    labels[:, 7:] = torch.randint(0, V, (B, 3))
-    # positions 2..4 were vision tokens; row 0 kept position 2, row 1 position 3
-    keep = [torch.tensor([0, 1, 2, 5, 6, 7, 8, 9]), torch.tensor([0, 1, 3, 5, 6, 7, 8, 9])]
-    pos = torch.stack(keep)
-    short = torch.stack([full[b, pos[b]] for b in range(B)])
-    out = TokencompModel._tc_with_loss(CausalLMOutputWithPast(logits=short), labels, pos)
-    ref = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
-    assert out["loss"].item() == pytest.approx(ref.item(), rel=1e-6)
-    assert torch.equal(out.logits[:, 5:], full[:, 5:])
-
-
 def test_bad_recipe_fails_before_loading(llava_dir, tmp_path):
     import tokencomp
 
@@ -412,13 +392,12 @@ def test_statistics_on_other_families(family, recipe_file):
     lm = cls.__new__(cls)
     lm._model = T.build_tiny(family, layers=LAYERS)
     lm.batch_size_per_gpu = 2
-    lm._tc_recipe, lm._tc_recipe_arg, lm._tc_stats_path = tokencomp.load_recipe(recipe_file), recipe_file, None
-    lm._tc_setup()
+    lm._tokencomp_start(tokencomp.load_recipe(recipe_file), recipe_file, None)
     sizes = {"qwen2_vl": [(112, 224), (56, 112)], "qwen2_5_vl": [(112, 224), (56, 112)], "llava_onevision": [(56, 112), (112, 112)]}
     inputs = T.make_inputs(lm.model, batch=2, image_sizes=sizes[family], padding="left")
     n = torch.isin(inputs["input_ids"], torch.tensor(T.vision_token_ids(lm.model))).sum(1).tolist()
     assert n[0] != n[1]
-    lm._tc_task = "toy"
+    lm.tokencomp_session.task = "toy"
     lm.model.generate(**inputs, max_new_tokens=2, do_sample=False, suppress_tokens=T.suppress_ids(lm.model))
     o = lm.tokencomp_summary()["tasks"]["toy"]
     assert o["samples"] == 2 and o["vision_tokens_in"] == sum(n) / 2
@@ -575,13 +554,71 @@ def test_cli_data_parallel_two_cpu_processes(llava_dir, disk_task, tmp_path, mon
 def test_device_map_follows_device_for_every_base(base, monkeypatch):
     """Issue 6: lmms-eval's Qwen classes default to device_map="cuda" / "auto"; `--device cpu` (and a
     machine without CUDA) must load on the CPU for every base, not only llava_hf."""
-    from tokencomp.integrations.lmms_eval import _map_device
+    from tokencomp.integrations.lmms_eval.devices import map_device
 
-    assert _map_device(base, {"device": "cpu"}) == ({"device": "cpu", "device_map": "cpu"}, False)
-    assert _map_device(base, {"device": "cpu", "device_map": "auto"})[0]["device_map"] == "auto"  # explicit wins
+    assert map_device(base, {"device": "cpu"}) == ({"device": "cpu", "device_map": "cpu"}, False)
+    assert map_device(base, {"device": "cpu", "device_map": "auto"})[0]["device_map"] == "auto"  # explicit wins
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _map_device(base, {}) == ({"device": "cpu", "device_map": "cpu"}, False)
+    assert map_device(base, {}) == ({"device": "cpu", "device_map": "cpu"}, False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    kwargs, _ = _map_device(base, {"device": "cuda:1"})
+    kwargs, _ = map_device(base, {"device": "cuda:1"})
     # GPUs: lmms-eval's own defaults, except LlavaHf's "" that transformers 5 rejects in one process
     assert kwargs.get("device_map") == ("cuda:1" if base == "llava_hf" else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# the LlavaHf re-implementation's version guard, and the report's narrowed except
+
+
+def test_llava_hf_batching_refuses_an_unknown_lmms_eval_version(monkeypatch):
+    from tokencomp import UnsupportedModelError
+    from tokencomp.integrations.lmms_eval import factory, llava_hf
+
+    assert llava_hf.installed_version().startswith("0.7.")  # what this environment runs
+    monkeypatch.delitem(factory._classes, "llava_hf", raising=False)  # built again below
+    monkeypatch.setattr(llava_hf, "installed_version", lambda: "0.8.0")
+    with pytest.raises(UnsupportedModelError, match=r"lmms-eval 0\.7\.x .*found lmms-eval 0\.8\.0") as err:
+        factory.model_class("llava_hf")
+    assert "\n" not in str(err.value)
+    assert "llava_hf" not in factory._classes
+    factory.model_class("qwen2_vl")  # the Qwen bases do not use it
+    monkeypatch.setattr(llava_hf, "installed_version", lambda: "0.7.9.dev1")
+    assert issubclass(factory.model_class("llava_hf"), llava_hf.LlavaHfBatching)
+
+
+def _summary(generated=0):
+    from tokencomp.integrations.lmms_eval.stats import RunStats, summary
+    from tokencomp.flops import DecoderShape
+    from tokencomp.stats import Stats
+
+    run = RunStats(DecoderShape(8, 2, 2, 4, 16, 2))
+    run.record("t", Stats(vision_tokens_per_layer=[[4, 2]], input_vision_tokens=[4], real_tokens=[6]))
+    run.tasks["t"].add_generation(1, generated, 0.5)
+    return summary(run.tasks, "r.yaml", "m", 2)
+
+
+def test_report_skips_only_a_missing_gen_metrics(tmp_path, monkeypatch):
+    """lmms-eval without ``gen_metrics``: the statistics still reach stats_path; any other failure is raised."""
+    import types
+
+    from lmms_eval.models.model_utils import gen_metrics
+
+    from tokencomp.integrations.lmms_eval.mixin import report
+
+    gen_metrics.reset_logged_metrics()
+    monkeypatch.setitem(sys.modules, "lmms_eval.models.model_utils", None)  # ImportError on import
+    report(_summary(generated=3), str(tmp_path / "a.json"))
+    assert json.loads((tmp_path / "a.json").read_text())["overall"]["samples"] == 1
+    broken = types.ModuleType("lmms_eval.models.model_utils")
+
+    def fail(name):
+        raise RuntimeError(f"broken lmms-eval: {name}")
+
+    broken.__getattr__ = fail
+    monkeypatch.setitem(sys.modules, "lmms_eval.models.model_utils", broken)
+    with pytest.raises(RuntimeError, match="broken lmms-eval"):
+        report(_summary(generated=3), None)
+    monkeypatch.undo()
+    report(_summary(generated=3), None)
+    thr = gen_metrics.summarize_logged_metrics()
+    assert thr["avg_tokencomp_samples"] == 1 and thr["total_gen_tokens"] == 3
