@@ -179,7 +179,7 @@ class _RecordCurrent(_RecordPrevious):
 
 
 @pytest.fixture
-def recorders():
+def recorders(in_process_plugin):
     plugin = types.SimpleNamespace()
 
     @tokencomp.hookimpl
@@ -188,12 +188,11 @@ def recorders():
         register(_RecordCurrent)
 
     plugin.register_scorers = register_scorers
-    name = plugins.register(plugin, name="test-methods-recorders")
+    in_process_plugin(plugin, "test-methods-recorders")
     RECORDED.clear()
     try:
         yield
     finally:
-        plugins.unregister(name)
         RECORDED.clear()
 
 

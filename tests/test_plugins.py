@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import tokenize
 from pathlib import Path
 
@@ -73,17 +74,17 @@ def _env_without_autoload_switches() -> dict:
 
 
 @pytest.fixture
-def fake_dist(tmp_path, monkeypatch):
+def fake_dist(tmp_path, monkeypatch, plugin_registry):
     """``make(dist, version, entry_points={name: module}, modules={module: source})``: a distribution
     installed in a temporary folder on ``sys.path`` (a real ``.dist-info``), found by importlib.metadata.
 
-    Entry-point autoload is switched on for the test; everything loaded is unregistered afterwards.
+    Entry-point autoload is switched on for the test; what loads goes into the test's own registry.
     """
     site = tmp_path / "site"
     site.mkdir()
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.delenv("TOKENCOMP_DISABLE_PLUGIN_AUTOLOAD", raising=False)
-    ep_names, module_names = [], []
+    module_names = []
 
     def make(dist: str, version: str, entry_points: dict, modules: dict) -> Path:
         for mod, source in modules.items():
@@ -94,14 +95,11 @@ def fake_dist(tmp_path, monkeypatch):
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
         eps = "".join(f"{name} = {value}\n" for name, value in entry_points.items())
         (info / "entry_points.txt").write_text(f"[tokencomp]\n{eps}")
-        ep_names.extend(entry_points)
         return site
 
     try:
         yield make
     finally:
-        for name in ep_names:
-            plugins.unregister(name)
         for mod in module_names:
             sys.modules.pop(mod, None)
 
@@ -316,6 +314,75 @@ def test_registering_a_wrong_class_is_an_error(in_process_plugin, bad, message):
 
 
 # --------------------------------------------------------------------------------------------------
+# registries are objects: one per test, or passed to load_recipe / apply
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_registry_passed_to_load_recipe_and_apply_is_used_and_stays_private():
+    """A plugin registered in one PluginRegistry works through ``plugins=`` and is unknown elsewhere."""
+    from tokencomp.testing import build_tiny, make_inputs
+
+    mine = plugins.PluginRegistry()
+    cls = _scorer("only-mine")
+    mine.register(ScorerPlugin(cls), "test-mine")
+    text = "scorer: only-mine\nschedule: {stages: [{layer: 1, keep: 0.5}]}\n"
+    assert type(tokencomp.load_recipe(text, plugins=mine).scorer) is cls
+    assert tokencomp.default_recipe(plugins=mine) == tokencomp.default_recipe()
+    for other in (plugins.registry(), plugins.PluginRegistry().registry()):
+        assert "only-mine" not in other.names("scorer")
+    with pytest.raises(RecipeError, match="unknown scorer 'only-mine'"):
+        tokencomp.load_recipe(text)
+    model = build_tiny("llava", layers=2)
+    inputs = make_inputs(model)
+    with torch.no_grad(), tokencomp.apply(model, text, plugins=mine) as handle:
+        model(**inputs)
+    n = handle.stats.input_vision_tokens[0]
+    assert type(handle.recipe.scorer) is cls and handle.stats.vision_tokens_per_layer == [[n, n // 2]]
+    assert plugins.current() is plugins.DEFAULT  # the block ended with the call
+
+
+def test_use_is_per_thread_and_nests():
+    mine, other = plugins.PluginRegistry(), plugins.PluginRegistry()
+    seen = []
+    with mine.use():
+        assert plugins.current() is mine
+        with other.use():
+            assert plugins.current() is other
+        assert plugins.current() is mine
+        worker = threading.Thread(target=lambda: seen.append(plugins.current()))
+        worker.start()
+        worker.join()
+    assert seen == [plugins.DEFAULT] and plugins.current() is plugins.DEFAULT
+
+
+def test_register_hooks_run_again_on_every_rebuild():
+    """What hookspecs.py promises plugin authors: the table is cached, and every change rebuilds it by
+    calling every ``register_*`` hook again (so hooks must have no side effects)."""
+    calls = []
+
+    class Counting:
+        @tokencomp.hookimpl
+        def register_scorers(self, register):
+            calls.append(1)
+            register(counted)
+
+    counted = _scorer("counted")
+    reg = plugins.PluginRegistry()
+    reg.register(Counting(), "test-counting")
+    assert reg.registry() is reg.registry() and len(calls) == 1
+    reg.register(ScorerPlugin(_scorer("another")), "test-another")
+    assert {"counted", "another"} <= set(reg.registry().names("scorer")) and len(calls) == 2
+
+
+def test_plugin_registry_fixture_is_in_effect_for_the_test_only(plugin_registry, in_process_plugin):
+    assert plugins.current() is plugin_registry and plugin_registry is not plugins.DEFAULT
+    in_process_plugin(ScorerPlugin(_scorer("fixture-only")), "test-fixture-only")
+    assert "fixture-only" in plugins.registry().names("scorer")
+    assert "fixture-only" not in plugins.DEFAULT.registry().names("scorer")
+    assert "test-fixture-only" not in dict(plugins.DEFAULT.pm.list_name_plugin())
+
+
+# --------------------------------------------------------------------------------------------------
 # entry points (fake distributions on sys.path)
 # --------------------------------------------------------------------------------------------------
 
@@ -371,7 +438,7 @@ def test_autoload_disabled_by_environment(fake_dist, monkeypatch):
     fake_dist("tp-auto", "1.0", {"autoplug": "tp_auto_mod"}, {"tp_auto_mod": GOOD_MODULE.format(name="ep-auto")})
     monkeypatch.setenv("TOKENCOMP_DISABLE_PLUGIN_AUTOLOAD", "1")
     plugins.reload_entrypoints()
-    assert plugins.pm.get_plugin("autoplug") is None
+    assert plugins.current().pm.get_plugin("autoplug") is None
     assert "tp_auto_mod" not in sys.modules
     assert "ep-auto" not in plugins.registry().names("scorer")
 
@@ -451,15 +518,12 @@ def test_template_listed_by_cli_with_its_distribution(keynorm_installed):
 
 
 @pytest.fixture
-def keynorm_loaded(keynorm_installed, monkeypatch):
-    """The template loaded in this process through its entry point (unregistered afterwards)."""
+def keynorm_loaded(keynorm_installed, monkeypatch, plugin_registry):
+    """The template loaded through its entry point, into this test's registry."""
     monkeypatch.delenv("TOKENCOMP_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     monkeypatch.setenv("TOKENCOMP_LOAD_PLUGINS", "keynorm")
-    plugins.reload_entrypoints()
-    try:
-        yield plugins.registry().entries["scorer"]["keynorm"]
-    finally:
-        plugins.unregister("keynorm")
+    plugin_registry.reload_entrypoints()
+    return plugin_registry.registry().entries["scorer"]["keynorm"]
 
 
 def test_template_scorer_usable_from_a_recipe(keynorm_loaded):

@@ -41,7 +41,8 @@ from . import masks as M
 from .decode import Decode, meta_of
 from .errors import PluginError, UnsupportedModelError, UsageError, copy_refused
 from .interfaces import Schedule, Selection, Stage
-from .plugins import registry
+from .plugins import PluginRegistry, registry
+from .plugins import current as current_plugins
 from .prefill import Prefill
 from .recipe import Recipe, load_recipe
 from .stats import Stats
@@ -470,13 +471,16 @@ class _GuardedForward:
         raise UsageError("cannot pickle a model while a tokencomp recipe is applied to it; remove() it first")
 
 
-def apply(model: torch.nn.Module, recipe) -> Handle:
+def apply(model: torch.nn.Module, recipe, *, plugins: Optional[PluginRegistry] = None) -> Handle:
     """Apply a recipe (a :class:`Recipe`, path, shipped name, YAML text or dict) to ``model``.
 
     Everything is checked before the first forward: the model class (an adapter must exist), the
     recipe's layers against the decoder depth, the attention implementation and cache type.
+    Plugins (the recipe's names, the model adapter) come from ``plugins`` (a
+    :class:`~tokencomp.plugins.PluginRegistry`; default: the registry in effect).
     Returns a :class:`Handle`; use it as a context manager or call ``remove()``.
     """
-    handle = Handle(model, load_recipe(recipe))
+    with (plugins or current_plugins()).use():
+        handle = Handle(model, load_recipe(recipe))
     handle._install()
     return handle

@@ -6,8 +6,11 @@ Enable it with ``pytest -p tokencomp.pytest_plugin``, or in a top-level ``confte
 
 It provides:
 
+* ``plugin_registry`` — a fresh :class:`tokencomp.plugins.PluginRegistry` (built-ins and, unless
+  disabled, entry points), in effect for this test: ``load_recipe`` / ``apply`` / ``registry()``
+  use it, and nothing registered in it reaches another test;
 * ``in_process_plugin`` — ``register(obj, name)`` registers a plugin module or object for this test
-  only (unregistered afterwards; an object already registered, e.g. through its entry point, is left
+  only, in ``plugin_registry`` (an object already registered, e.g. through its entry point, is left
   as it is);
 * ``tiny_models`` (session) — ``tiny_models["llava"]``: the tiny random-weight model of each family
   (:data:`tokencomp.testing.FAMILIES`), built on first use and shared with :mod:`tokencomp.contract`;
@@ -60,21 +63,22 @@ def contract():
 
 
 @pytest.fixture
-def in_process_plugin():
-    """``register(obj, name)``: register a plugin object for this test only (unregistered afterwards)."""
-    import tokencomp.plugins
+def plugin_registry():
+    """A fresh plugin registry in effect for this test only (``tokencomp.plugins.current()`` is it)."""
+    from .plugins import PluginRegistry
 
-    names = []
+    with PluginRegistry().use() as registry:
+        yield registry
+
+
+@pytest.fixture
+def in_process_plugin(plugin_registry):
+    """``register(obj, name)``: register a plugin object for this test only (in ``plugin_registry``)."""
 
     def register(obj, name, **kwargs):
-        tokencomp.plugins.load_plugins()
-        if tokencomp.plugins.pm.is_registered(obj):  # e.g. already loaded through its entry point
-            return tokencomp.plugins.pm.get_name(obj)
-        names.append(tokencomp.plugins.register(obj, name=name, **kwargs))
-        return names[-1]
+        plugin_registry.load_plugins()
+        if plugin_registry.pm.is_registered(obj):  # e.g. already loaded through its entry point
+            return plugin_registry.pm.get_name(obj)
+        return plugin_registry.register(obj, name=name, **kwargs)
 
-    try:
-        yield register
-    finally:
-        for name in reversed(names):
-            tokencomp.plugins.unregister(name)
+    return register

@@ -34,7 +34,7 @@ import yaml
 
 from .errors import PluginError, RecipeError
 from .interfaces import Schedule, Scorer, Selector, Stage
-from .plugins import registry
+from .plugins import PluginRegistry, registry
 
 EXPLICIT = "explicit"  # the schedule plugin that holds `stages:` lists (the recipe format itself)
 TOP_KEYS = ("name", "description", "scorer", "selector", "schedule", "newlines")
@@ -701,8 +701,12 @@ def _default(kind: str, source: str) -> str:
         raise RecipeError(_flat(exc), source=source, line=1) from None
 
 
-def default_recipe() -> "Recipe":
-    """The recipe made of the default scorer, selector and schedule plugins."""
+def default_recipe(*, plugins: Optional[PluginRegistry] = None) -> "Recipe":
+    """The recipe made of the default scorer, selector and schedule plugins (of ``plugins``, default:
+    the registry in effect)."""
+    if plugins is not None:
+        with plugins.use():
+            return default_recipe()
     return load_recipe({"schedule": _default("schedule", "<default>")})
 
 
@@ -760,8 +764,11 @@ def _reads_as_yaml(line: str) -> bool:
     return not s or s[0] in "{[#" or ": " in s or ":\t" in s or s.endswith(":")
 
 
-def load_recipe(recipe: Union[str, os.PathLike, dict, "Recipe"]) -> Recipe:
+def load_recipe(recipe: Union[str, os.PathLike, dict, "Recipe"], *, plugins: Optional[PluginRegistry] = None) -> Recipe:
     """Load and validate a recipe from a path, a shipped recipe name, YAML text or a dict.
+
+    Plugin names are looked up in ``plugins`` (a :class:`~tokencomp.plugins.PluginRegistry`; default:
+    the registry in effect, :func:`tokencomp.plugins.current`).
 
     A string is read as the first of these that applies:
 
@@ -777,6 +784,9 @@ def load_recipe(recipe: Union[str, os.PathLike, dict, "Recipe"]) -> Recipe:
     So ``/data/exp:1/r.yaml`` and ``C:\\exp\\r.yaml`` are paths, never YAML text.
     Raises :class:`RecipeError` (message ``file:line: what is wrong and what is allowed``).
     """
+    if plugins is not None:
+        with plugins.use():
+            return load_recipe(recipe)
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
