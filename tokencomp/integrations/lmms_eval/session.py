@@ -86,7 +86,7 @@ class Session:
             self._undo.append(self.handle.on_prefill(self._on_prefill))
             self._vision_ids = None
         else:
-            self._vision_ids = torch.tensor(registry().adapter_for(model).vision_token_ids(model), dtype=torch.long)
+            self._vision_ids = torch.tensor(registry().adapter_for(model).vision_token_ids(), dtype=torch.long)
         # Ours run first (prepend) so that `labels` never reach the engine, and last (registered
         # after apply) so that the engine has handed over the prefill's Stats.
         self._undo.append(model.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True).remove)
