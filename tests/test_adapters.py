@@ -108,3 +108,15 @@ def test_takes_video_asks_the_adapter():
     from tokencomp.testing import tiny_config
 
     assert [takes_video(tiny_config(f, layers=1)) for f in FAMILIES] == [f in VIDEO_FAMILIES for f in FAMILIES]
+
+
+def test_token_runs_end_where_the_id_changes():
+    """The adapters' run splitter (an image placeholder run may touch a video run)."""
+    from tokencomp import interfaces
+    from tokencomp.masks import token_runs
+
+    mask = torch.tensor([0, 1, 1, 1, 0, 1], dtype=torch.bool)
+    ids = torch.tensor([9, 3, 3, 4, 9, 3])
+    assert token_runs(mask) == [(1, 4, None), (5, 6, None)]
+    assert token_runs(mask, ids) == [(1, 3, 3), (3, 4, 4), (5, 6, 3)]
+    assert interfaces.token_runs is token_runs  # still importable where adapters used to find it

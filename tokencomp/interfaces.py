@@ -15,6 +15,8 @@ from typing import Any, Callable, ClassVar, Literal, Mapping, Optional, Sequence
 
 import torch
 
+from .masks import token_runs  # noqa: F401  (moved to masks; importable from here as before)
+
 AttentionSource = Literal["previous", "current"]
 
 
@@ -60,24 +62,6 @@ class LayerView:
     signals: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     """Vision-tower signals the scorer declared in ``Scorer.signals``: ``(B, S)`` per name, aligned with
     the current tokens (0 on non-vision tokens)."""
-
-
-def token_runs(mask: torch.Tensor, ids: Optional[torch.Tensor] = None) -> list[tuple[int, int, Optional[int]]]:
-    """``(start, end, token)`` of each run of True in the 1-D ``mask``; with ``ids`` a run also ends
-    where the token id changes (an image placeholder run may touch a video run)."""
-    flags = mask.tolist()
-    toks = ids.tolist() if ids is not None else [None] * len(flags)
-    out, pos, L = [], 0, len(flags)
-    while pos < L:
-        if not flags[pos]:
-            pos += 1
-            continue
-        end = pos
-        while end < L and flags[end] and toks[end] == toks[pos]:
-            end += 1
-        out.append((pos, end, toks[pos]))
-        pos = end
-    return out
 
 
 class _Plugin:

@@ -1,4 +1,5 @@
-"""Pure functions that gather attention masks, rotary tables and positions for a compacted sequence.
+"""Pure functions that gather attention masks, rotary tables and positions for a compacted sequence,
+and that find the runs of a token mask (:func:`token_runs`, for model adapters).
 
 Three mask kinds reach the decoder layers of transformers 5.x: a 4-D mask (bool for SDPA, additive
 float for eager), a 2-D ``(B, KV)`` padding mask for FlashAttention, or ``None`` (causal, no
@@ -159,3 +160,21 @@ def hide_columns(mask: Optional[torch.Tensor], hide: torch.Tensor, kind: str, dt
     if mask.ndim == 2:
         return mask & ~hide if mask.dtype == torch.bool else mask * (~hide).to(mask.dtype)
     return _hide_dead(mask, hide, None)
+
+
+def token_runs(mask: torch.Tensor, ids: Optional[torch.Tensor] = None) -> list[tuple[int, int, Optional[int]]]:
+    """``(start, end, token)`` of each run of True in the 1-D ``mask``; with ``ids`` a run also ends
+    where the token id changes (an image placeholder run may touch a video run)."""
+    flags = mask.tolist()
+    toks = ids.tolist() if ids is not None else [None] * len(flags)
+    out, pos, L = [], 0, len(flags)
+    while pos < L:
+        if not flags[pos]:
+            pos += 1
+            continue
+        end = pos
+        while end < L and flags[end] and toks[end] == toks[pos]:
+            end += 1
+        out.append((pos, end, toks[pos]))
+        pos = end
+    return out

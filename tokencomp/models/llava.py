@@ -24,7 +24,8 @@ import torch
 import tokencomp
 from tokencomp.errors import UnsupportedModelError, UsageError, copy_refused
 from tokencomp.heatmap import Box, Region
-from tokencomp.interfaces import ModelAdapter, token_runs
+from tokencomp.interfaces import ModelAdapter
+from tokencomp.masks import token_runs
 
 
 @dataclasses.dataclass(frozen=True)

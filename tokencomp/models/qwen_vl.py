@@ -18,8 +18,8 @@ import torch
 
 import tokencomp
 from tokencomp.heatmap import Region
-from tokencomp.interfaces import ModelAdapter, token_runs
-from tokencomp.masks import gather_seq
+from tokencomp.interfaces import ModelAdapter
+from tokencomp.masks import gather_seq, token_runs
 
 
 @dataclasses.dataclass(frozen=True)
