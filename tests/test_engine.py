@@ -175,7 +175,7 @@ def assert_cache_equals_replay(model, handle, inputs):
     same selection (kept and summary positions); returns the cached output."""
     cached = model.generate(**inputs, **gen_kwargs(model))
     stats = handle.stats
-    with handle.replay(stats.kept_positions, stats.summary_positions):
+    with handle.replay(stats):
         fresh = model.generate(**inputs, use_cache=False, **gen_kwargs(model))
     assert torch.equal(cached.sequences, fresh.sequences)
     assert max_score_diff(cached, fresh) < 1e-4
@@ -279,14 +279,40 @@ def test_stats_kept_positions_are_original_vision_positions():
     with torch.no_grad(), tokencomp.apply(model, recipe("v2drop")) as h:
         model(**inputs)
     stats = h.stats
-    assert set(stats.kept_positions) == {1, 3, 5}
+    assert [set(per_stage) for per_stage in stats.kept_positions_per_stage] == [{1, 3, 5}] * 2
     for b in range(2):
-        pos1 = stats.kept_positions[1][b]
+        pos1 = stats.kept_positions_per_stage[b][1]
         assert bool(vision[b, pos1].all())
         assert len(pos1) == stats.vision_tokens_per_layer[b][1]
-        assert set(stats.kept_positions[3][b].tolist()) <= set(pos1.tolist())
-        assert len(stats.kept_positions[5][b]) == 0
+        assert set(stats.kept_positions_per_stage[b][3].tolist()) <= set(pos1.tolist())
+        assert len(stats.kept_positions_per_stage[b][5]) == 0
     assert stats.as_dict()["average_vision_tokens"][0] == sum(stats.vision_tokens_per_layer[0]) / 6
+
+
+def test_stats_stage_first_views_are_the_per_sample_records_read_only():
+    """``kept_positions[layer][b]`` / ``summary_positions[layer][b]`` (earlier versions' orientation)
+    are read-only views of the per-sample fields, and ``replay`` takes the Stats itself."""
+    model = tiny("llava")
+    inputs = make_inputs(model, batch=2)
+    stages = [{"layer": 1, "keep": 0.5, "merge": {"name": "contextual", "tokens": 2}}, {"layer": 3, "keep": 0.5}]
+    with torch.no_grad(), tokencomp.apply(model, recipe("v2drop", stages)) as h:
+        model(**inputs)
+        stats = h.stats
+        assert list(stats.kept_positions) == [1, 3] and list(stats.summary_positions) == [1]
+        for layer in (1, 3):
+            for b in range(2):
+                assert stats.kept_positions[layer][b] is stats.kept_positions_per_stage[b][layer]
+        assert [len(stats.summary_positions[1][b]) for b in range(2)] == [2, 2]
+        with pytest.raises(AttributeError):
+            stats.kept_positions = {}
+        with pytest.raises(AttributeError):
+            stats.summary_positions = {}
+        kw = gen_kwargs(model, 2)
+        with h.replay(stats):
+            by_stats = model.generate(**inputs, use_cache=False, **kw)
+        with h.replay(stats.kept_positions, stats.summary_positions):
+            by_dicts = model.generate(**inputs, use_cache=False, **kw)
+    assert torch.equal(by_stats.sequences, by_dicts.sequences)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen3_vl"])

@@ -457,10 +457,10 @@ def limit_plan(s: _Setup, stats, rotary: tuple, decode_rotary: list, attn_impl: 
     if eager:
         masks[0] = _causal_additive(L, s.embeds.dtype, s.embeds.device)
     counts = {0: L}
-    for layer in sorted(stats.kept_positions):
+    for layer in sorted(stats.kept_positions_per_stage[0]):
         rows = []
         for b in range(B):
-            keep = ~s.vision[b] | torch.isin(pos, stats.kept_positions[layer][b].to(pos.device))
+            keep = ~s.vision[b] | torch.isin(pos, stats.kept_positions_per_stage[b][layer].to(pos.device))
             rows.append(pos[keep])
         if len({len(r) for r in rows}) != 1:
             raise UsageError(f"limit: the samples kept {[len(r) for r in rows]} tokens at layer {layer}; the bare layers need equal counts")

@@ -14,7 +14,7 @@ of each family (:mod:`tokencomp.testing`) and asserts the invariants the engine 
   ``1e-4``), as each sample run alone;
 * ``cache==no-cache``: greedy ``generate`` with the compacted KV cache equals a cache-free
   recomputation that replays the recorded selection
-  (``with handle.replay(stats.kept_positions, stats.summary_positions)``);
+  (``with handle.replay(stats)``);
 * ``read-only view``: no tensor of the :class:`~tokencomp.LayerView` (nor a selector's ``scores``)
   changes during the call; the engine's own check (a :class:`~tokencomp.PluginError`) must not fire;
 * ``scores`` (scorers): a ``(B, S)`` real tensor with no NaN on the candidates. ``+inf`` / ``-inf`` are
@@ -413,7 +413,7 @@ class _Run:
                 cached = model.generate(**inputs, **gk)
                 stats = h.stats
                 budget = _budget_problems(model, inputs, stats, stages)
-                with h.replay(stats.kept_positions, stats.summary_positions):
+                with h.replay(stats):
                     fresh = model.generate(**inputs, use_cache=False, **gk)
             problems = []
             if not torch.equal(cached.sequences, fresh.sequences):
@@ -438,16 +438,15 @@ class _Run:
                 for b in range(2):
                     solo = model.generate(**take_sample(inputs, b), **gk)
                     sstats = h.stats
-                    for layer in sorted(bstats.kept_positions):
-                        got = (bstats.kept_positions[layer][b] - pads[b]).tolist()
-                        want = sstats.kept_positions.get(layer, [torch.empty(0)])[0].tolist()
+                    kept, alone = bstats.kept_positions_per_stage[b], sstats.kept_positions_per_stage[0]
+                    slots, slots_alone = bstats.summary_positions_per_stage[b], sstats.summary_positions_per_stage[0]
+                    for layer in sorted(kept):
+                        got = (kept[layer] - pads[b]).tolist()
+                        want = alone.get(layer, torch.empty(0)).tolist()
                         if sorted(got) != sorted(want):
                             problems.append(f"sample {b} keeps other positions at layer {layer} in the batch than alone")
-                        gs = bstats.summary_positions.get(layer)
-                        ws = sstats.summary_positions.get(layer)
-                        if (gs is None) != (ws is None) or (
-                            gs is not None and sorted((gs[b] - pads[b]).tolist()) != sorted(ws[0].tolist())
-                        ):
+                        gs, ws = slots.get(layer), slots_alone.get(layer)
+                        if (gs is None) != (ws is None) or (gs is not None and sorted((gs - pads[b]).tolist()) != sorted(ws.tolist())):
                             problems.append(f"sample {b} has other summary slots at layer {layer} in the batch than alone")
                     if not torch.equal(solo.sequences[0, -NEW_TOKENS:], batched.sequences[b, -NEW_TOKENS:]):
                         problems.append(f"sample {b} generates {solo.sequences[0, -NEW_TOKENS:].tolist()} alone, {batched.sequences[b, -NEW_TOKENS:].tolist()} in the batch")

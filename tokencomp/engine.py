@@ -244,10 +244,13 @@ class Handle:
         finally:
             setattr(self._tls, name, old)
 
-    def replay(self, kept_positions: dict[int, list[torch.Tensor]], summary_positions: Optional[dict] = None):
-        """Context manager: force the selection recorded in ``kept_positions`` (and, for stages with a
-        merger, ``summary_positions``; both from ``stats``) in this thread's compressed forwards, e.g. to
-        recompute a generation without a cache. Mergers then merge into the recorded tokens again."""
+    def replay(self, kept_positions: Union[Stats, dict[int, list[torch.Tensor]]], summary_positions: Optional[dict] = None):
+        """Context manager: force the selection a :class:`Stats` recorded in this thread's compressed
+        forwards, e.g. to recompute a generation without a cache; mergers then merge into the recorded
+        tokens again. Pass the ``Stats``, or its stage-first ``kept_positions`` (and, for stages with a
+        merger, ``summary_positions``)."""
+        if isinstance(kept_positions, Stats):
+            kept_positions, summary_positions = kept_positions.kept_positions, kept_positions.summary_positions
         return self._set_opt("replay", (kept_positions, summary_positions or {}))
 
     def vision_mask(self, mask: torch.Tensor, groups: Optional[torch.Tensor] = None):

@@ -125,7 +125,13 @@ class Prefill:
         table = torch.stack(per_layer, dim=1).tolist() if per_layer else [[] for _ in range(B)]
         out_pos = self.idx if self.idx is not None else torch.arange(self.length, device=self.is_vision.device).expand(B, -1)
         return Stats(
-            table, dict(self.kept), dict(self.slots), out_pos, self.length, self.is_vision.sum(1).tolist(), self.valid.sum(1).tolist()
+            table,
+            [{layer: rows[b] for layer, rows in self.kept.items()} for b in range(B)],
+            [{layer: rows[b] for layer, rows in self.slots.items()} for b in range(B)],
+            out_pos,
+            self.length,
+            self.is_vision.sum(1).tolist(),
+            self.valid.sum(1).tolist(),
         )
 
     # ------------------------------------------------------------------ the view plugins see
