@@ -372,6 +372,9 @@ def test_wheel_contains_shipped_recipes(tmp_path):
     assert f"tokencomp/recipes/{SHIPPED}.yaml" in names
     shipped = {f"tokencomp/recipes/{p.relative_to(REPO / 'schedules').as_posix()}" for p in (REPO / "schedules").rglob("*.y*ml")}
     assert shipped <= names, sorted(shipped - names)
+    # every module of the package (a subpackage missing from pyproject's explicit list would be absent)
+    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "tokencomp").rglob("*.py") if "__pycache__" not in p.parts}
+    assert modules <= names, sorted(modules - names)
 
     target = tmp_path / "target"
     proc = subprocess.run(pip + ["install", *flags, "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=300)
