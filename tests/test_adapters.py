@@ -80,7 +80,7 @@ def test_selection_is_what_the_current_prefill_carries(family):
         def look(i):
             return lambda module, args: seen.__setitem__(i, handle.selection())
 
-        hooks = [layer.register_forward_pre_hook(look(i)) for i, layer in enumerate(handle.layers)]
+        hooks = [layer.register_forward_pre_hook(look(i)) for i, layer in enumerate(model.get_decoder().layers)]
         try:
             assert handle.selection() is None
             with torch.no_grad():

@@ -414,6 +414,20 @@ def test_remove_restores_exactly(family):
     assert text_cfg._attn_implementation == impl
 
 
+def test_engine_internals_are_private_and_old_names_still_read():
+    """What used to be public engine state (``handle.num_layers``, ...) reads with a DeprecationWarning."""
+    model = tiny("llava")
+    with tokencomp.apply(model, recipe()) as h:
+        assert {"model", "recipe", "adapter", "profile", "overhead_s"} <= set(vars(h))
+        assert not {"layers", "num_layers", "stage_at", "vision_ids", "kind"} & set(vars(h))
+        with pytest.warns(DeprecationWarning, match=r"Handle.num_layers is internal"):
+            assert h.num_layers == h._num_layers == 6
+        with pytest.warns(DeprecationWarning):
+            assert h.current() is None
+        with pytest.raises(AttributeError, match="no attribute 'no_such_thing'"):
+            h.no_such_thing
+
+
 def test_context_manager_removes_on_exception():
     model = tiny("llava")
     before = _hook_count(model)

@@ -281,7 +281,7 @@ def test_keyboard_interrupt_mid_forward_leaves_nothing_behind():
             cache = DynamicCache()
             with pytest.raises(KeyboardInterrupt):
                 model(**inputs, cache=cache, use_cache=True)
-            assert h.current() is None and h._tls.stack == []
+            assert h._current() is None and h._tls.stack == []
             ref = weakref.ref(cache)
             del cache
             assert ref() is None

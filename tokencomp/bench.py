@@ -665,8 +665,8 @@ class _FullMatrixScorer(_Scorer):
             H = w.shape[1]
             rows = w.gather(2, queries.clamp(min=0)[:, None, :, None].expand(B, H, -1, S)).float().mean(1)
         else:
-            state = self.full.handle.current()
-            module = self.full.handle.layers[view.layer]
+            state = self.full.handle._current()
+            module = self.full.handle._layers[view.layer]
             cos, sin = (state.cur or state.full)["position_embeddings"]
             idx = state._index(view.hidden)
             key_valid = state.valid.gather(1, idx)
@@ -722,8 +722,8 @@ def bench(
             raise UsageError(f"bench: {name} must be an integer >= {minimum}, got {value!r}")
     recipe = tokencomp.load_recipe(recipe)
     handle_probe = tokencomp.apply(model, recipe)  # validates before any timing
-    adapter_ids = handle_probe.adapter.vision_token_ids(model)
-    num_layers = handle_probe.num_layers
+    adapter_ids = handle_probe.adapter.vision_token_ids()
+    num_layers = handle_probe._num_layers
     handle_probe.remove()
     device = model.get_input_embeddings().weight.device
     if frames > vision_tokens:

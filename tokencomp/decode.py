@@ -133,7 +133,7 @@ class Decode:
     def __init__(self, handle, meta: CacheMeta):
         self.handle = handle
         self.cache_meta = meta
-        self.kind = handle.kind
+        self.kind = handle._kind
         self._masks: dict = {}  # (id(LayerMeta), hidden-by) -> this step's mask
         self._q: dict[int, torch.Tensor] = {}  # layer -> this step's q projection (decode stages' probes)
         self._hidden: list = []  # (first layer, (B, total) original positions hidden from it on) this step
@@ -161,7 +161,7 @@ class Decode:
         """Not used while decoding."""
 
     def layer(self, i: int, module, args, kwargs):
-        stage = self.handle.decode_at.get(i)
+        stage = self.handle._decode_at.get(i)
         if stage is not None:
             self._decode_stage(stage, kwargs)
         meta = self.cache_meta.layers.get(i)
@@ -227,7 +227,7 @@ class Decode:
             lm = meta.layers[l - 1]
             allowed[:, : lm.idx.shape[1]] &= lm.alive
         cos, sin = kwargs["position_embeddings"]
-        row = cached_attention_row(h.layers[l - 1].self_attn, q, cache.layers[l - 1].keys, cos, sin, allowed)  # (B, KV)
+        row = cached_attention_row(h._layers[l - 1].self_attn, q, cache.layers[l - 1].keys, cos, sin, allowed)  # (B, KV)
         scores = torch.zeros(B, n_total, dtype=row.dtype, device=row.device).scatter(1, cols_prev, row)
         # Candidates: vision tokens still attended to in layer l (the last prompt token never hidden).
         cols = self._columns(l, cache)
@@ -256,7 +256,7 @@ class Decode:
         meta = self.cache_meta
         hide = torch.zeros(cols.shape[0], int(cols.max()) + 1, dtype=torch.bool, device=cols.device).scatter(1, cols, hide_cols)
         groups: dict = {}
-        for j in range(l, self.handle.num_layers):
+        for j in range(l, self.handle._num_layers):
             if cache.layers[j].is_initialized:
                 groups.setdefault(id(meta.layers.get(j)), []).append(j)
         for members in groups.values():

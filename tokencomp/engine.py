@@ -54,29 +54,39 @@ _active: "weakref.WeakKeyDictionary[torch.nn.Module, Handle]" = weakref.WeakKeyD
 _active_lock = threading.Lock()
 
 
+_FORMERLY_PUBLIC = frozenset(
+    ("decoder", "layers", "num_layers", "stages", "stage_at", "decode_stages", "decode_at", "text_config", "vision_ids", "kind", "current")
+)
+"""Handle attributes that were public before they became the engine's own (``_name``)."""
+
+
 class Handle:
     """An applied recipe. ``handle.stats`` describes the last compressed forward;
-    ``handle.remove()`` (or leaving the ``with`` block) restores the model exactly."""
+    ``handle.remove()`` (or leaving the ``with`` block) restores the model exactly.
+
+    Public: ``model``, ``recipe``, ``adapter`` (the model's :class:`~tokencomp.ModelAdapter`), ``stats``,
+    ``remove()``, ``replay()``, ``vision_mask()``, ``selection()``, ``on_prefill()``, ``profile`` /
+    ``overhead_s``. Everything else is the engine's own."""
 
     def __init__(self, model: torch.nn.Module, recipe: Recipe):
         self.model = model
         self.recipe = recipe
         reg = registry()
         self.adapter = reg.adapter_for(model)
-        self.decoder = self.adapter.language_model(model)
-        self.layers = list(self.decoder.layers)
-        self.num_layers = len(self.layers)
-        every = recipe.stages(self.num_layers)
-        self.stages: list[Stage] = [s for s in every if not s.decode]
-        self.stage_at = {s.layer: s for s in self.stages}
-        self.decode_stages: list[Stage] = [s for s in every if s.decode]
-        self.decode_at = {s.layer: s for s in self.decode_stages}
-        self.text_config = self.decoder.config
-        self.vision_ids = torch.tensor(self.adapter.vision_token_ids(model), dtype=torch.long)
-        if self.vision_ids.numel() == 0:
+        self._decoder = self.adapter.language_model(model)
+        self._layers = list(self._decoder.layers)
+        self._num_layers = len(self._layers)
+        every = recipe.stages(self._num_layers)
+        self._stages: list[Stage] = [s for s in every if not s.decode]
+        self._stage_at = {s.layer: s for s in self._stages}
+        self._decode_stages: list[Stage] = [s for s in every if s.decode]
+        self._decode_at = {s.layer: s for s in self._decode_stages}
+        self._text_config = self._decoder.config
+        self._vision_ids = torch.tensor(self.adapter.vision_token_ids(model), dtype=torch.long)
+        if self._vision_ids.numel() == 0:
             raise UnsupportedModelError(f"{type(model).__name__}: the adapter found no image/video token id in the config")
         self._check_supported()
-        self.kind = M.mask_kind(self.text_config._attn_implementation)
+        self._kind = M.mask_kind(self._text_config._attn_implementation)
         # A schedule whose keep ratios depend on each input's vision-token count (e.g. `budget`).
         self._adaptive = type(recipe.schedule).keeps_for is not Schedule.keeps_for
         self._keep_cache: dict[int, list[float]] = {}
@@ -94,7 +104,7 @@ class Handle:
     # ------------------------------------------------------------------ set-up and removal
 
     def _check_supported(self) -> None:
-        cfg, model = self.text_config, self.model
+        cfg, model = self._text_config, self.model
         impl = cfg._attn_implementation or "eager"
         M.mask_kind(impl)
         layer_types = getattr(cfg, "layer_types", None) or []
@@ -110,24 +120,24 @@ class Handle:
             )
         if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
             raise UnsupportedModelError("torch.compile'd models are not supported: apply before compiling is not possible either")
-        if any(s.renumber for s in self.stages) and not self.adapter.renumber:
+        if any(s.renumber for s in self._stages) and not self.adapter.renumber:
             raise UnsupportedModelError(
                 f"renumber: the {self.adapter.name!r} adapter's positions are not one number per token "
                 f"({type(model).__name__}); keep original positions (drop `renumber:`)"
             )
-        self._signals = sorted({n for s in self.stages for n in s.scorer.signals})
+        self._signals = sorted({n for s in self._stages for n in s.scorer.signals})
         missing = [n for n in self._signals if n not in self.adapter.signal_names(model)]
         if missing:
-            users = sorted({s.scorer.name for s in self.stages if set(s.scorer.signals) & set(missing)})
+            users = sorted({s.scorer.name for s in self._stages if set(s.scorer.signals) & set(missing)})
             have = ", ".join(self.adapter.signal_names(model)) or "none"
             raise UnsupportedModelError(
                 f"scorer {', '.join(map(repr, users))} needs the vision-tower signal {', '.join(missing)}, which the "
                 f"{self.adapter.name!r} adapter does not compute for {type(model).__name__} (available: {have})"
             )
-        for stage in self.stages:
+        for stage in self._stages:
             scorer = stage.scorer
             if scorer.attention is not None:
-                attn = self.layers[stage.layer if scorer.attention == "current" else stage.layer - 1].self_attn
+                attn = self._layers[stage.layer if scorer.attention == "current" else stage.layer - 1].self_attn
                 for name in ("q_proj", "k_proj"):
                     if not isinstance(getattr(attn, name, None), torch.nn.Module):
                         raise UnsupportedModelError(
@@ -156,19 +166,19 @@ class Handle:
                         del model.forward
 
             self._undo.append(restore)
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(self._layers):
                 self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
-            for stage in self.stages:
+            for stage in self._stages:
                 if stage.scorer.attention == "previous":
-                    attn = self.layers[stage.layer - 1].self_attn
+                    attn = self._layers[stage.layer - 1].self_attn
                     for name in ("q", "k"):
                         proj = getattr(attn, f"{name}_proj")
                         self._hooks.append(proj.register_forward_hook(self._capture_hook(stage.layer - 1, name)))
                 if stage.scorer.needs_prev_hidden:
-                    self._hooks.append(self.layers[stage.layer - 1].register_forward_hook(self._output_hook()))
-            for stage in self.decode_stages:
-                if self.stage_at.get(stage.layer) is None or self.stage_at[stage.layer].scorer.attention != "previous":
-                    q_proj = self.layers[stage.layer - 1].self_attn.q_proj
+                    self._hooks.append(self._layers[stage.layer - 1].register_forward_hook(self._output_hook()))
+            for stage in self._decode_stages:
+                if self._stage_at.get(stage.layer) is None or self._stage_at[stage.layer].scorer.attention != "previous":
+                    q_proj = self._layers[stage.layer - 1].self_attn.q_proj
                     self._hooks.append(q_proj.register_forward_hook(self._capture_hook(stage.layer - 1, "q")))
             if self._signals:
                 self._hooks.extend(self.adapter.install_signals(self.model, self._signals, self._emit_signal))
@@ -216,11 +226,18 @@ class Handle:
             if _active.get(self.model) is self:
                 del _active[self.model]
 
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: the formerly public names still read, with a warning.
+        if name in _FORMERLY_PUBLIC:
+            warnings.warn(f"Handle.{name} is internal to the engine (Handle._{name}) and may change", DeprecationWarning, stacklevel=2)
+            return getattr(self, f"_{name}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __repr__(self) -> str:
         stages = ", ".join(
-            f"{s.layer}:{s.keep:g}/{s.scorer.name}" + (f"+{s.merger.name}" if s.merger is not None else "") for s in self.stages
+            f"{s.layer}:{s.keep:g}/{s.scorer.name}" + (f"+{s.merger.name}" if s.merger is not None else "") for s in self._stages
         )
-        stages += "".join(f", decode {s.layer}:{s.keep:g}/{s.decode}" for s in self.decode_stages)
+        stages += "".join(f", decode {s.layer}:{s.keep:g}/{s.decode}" for s in self._decode_stages)
         state = "removed" if self._removed else "applied"
         return f"<tokencomp.Handle {state} to {type(self.model).__name__}: {stages}>"
 
@@ -270,7 +287,7 @@ class Handle:
             raise UsageError(f"handle.vision_mask: groups {tuple(groups.shape)} and mask {tuple(mask.shape)} differ in shape")
         return self._set_opt("explicit_mask", (mask, groups))
 
-    def current(self) -> Union[Prefill, Decode, None]:
+    def _current(self) -> Union[Prefill, Decode, None]:
         """The engine's own state of this thread's forward in progress, or None (adapters read
         :meth:`selection` instead)."""
         stack = self._opt("stack")
@@ -279,7 +296,7 @@ class Handle:
     def selection(self) -> Optional[Selection]:
         """Which tokens this thread's compressed prefill carries now (a read-only :class:`Selection`),
         or None outside a prefill and before its first drop: what a model adapter's patches may read."""
-        state = self.current()
+        state = self._current()
         if not isinstance(state, Prefill) or state.idx is None:
             return None
         return Selection(state.idx, state.alive)
@@ -333,7 +350,7 @@ class Handle:
                 )
             is_vision = explicit.to(device=ref.device, dtype=torch.bool)
         else:
-            is_vision = prompt_vision_mask(args, kwargs, self.vision_ids)
+            is_vision = prompt_vision_mask(args, kwargs, self._vision_ids)
         if is_vision is None:
             if embeds is not None:
                 warnings.warn(
@@ -380,29 +397,29 @@ class Handle:
         rows = []
         for n in is_vision.sum(1).tolist():
             if n not in self._keep_cache:
-                got = [float(k) for k in self.recipe.schedule.keeps_for(self.num_layers, n)]
-                if len(got) != len(self.stages) or not all(0.0 <= k <= 1.0 for k in got):
+                got = [float(k) for k in self.recipe.schedule.keeps_for(self._num_layers, n)]
+                if len(got) != len(self._stages) or not all(0.0 <= k <= 1.0 for k in got):
                     raise PluginError(
-                        f"schedule {self.recipe.schedule.name!r}: keeps_for({self.num_layers}, {n}) gave {got}; expected "
-                        f"{len(self.stages)} keep ratios in [0, 1], one per stage"
+                        f"schedule {self.recipe.schedule.name!r}: keeps_for({self._num_layers}, {n}) gave {got}; expected "
+                        f"{len(self._stages)} keep ratios in [0, 1], one per stage"
                     )
                 self._keep_cache[n] = got
             rows.append(self._keep_cache[n])
         table = torch.tensor(rows, dtype=torch.float64, device=is_vision.device)
-        return {s.layer: table[:, j] for j, s in enumerate(self.stages)}
+        return {s.layer: table[:, j] for j, s in enumerate(self._stages)}
 
     # ------------------------------------------------------------------ hooks
 
     def _layer_hook(self, layer_idx: int):
         def hook(module, args, kwargs):
-            state = self.current()
+            state = self._current()
             return None if state is None else state.layer(layer_idx, module, args, kwargs)
 
         return hook
 
     def _capture_hook(self, layer_idx: int, name: str):
         def hook(module, args, output):
-            state = self.current()
+            state = self._current()
             if state is not None:
                 state.captured(layer_idx, name, output)
 
@@ -410,14 +427,14 @@ class Handle:
 
     def _output_hook(self):
         def hook(module, args, output):
-            state = self.current()
+            state = self._current()
             if isinstance(state, Prefill):
                 state.layer_output(output)
 
         return hook
 
     def _emit_signal(self, name: str, values: torch.Tensor, carrier: Any = None) -> None:
-        state = self.current()
+        state = self._current()
         if isinstance(state, Prefill):
             state.signals[name] = values
         if carrier is not None:

@@ -69,16 +69,16 @@ class Prefill:
         if i == 0:
             self.cache = kwargs.get("cache", kwargs.get("past_key_values"))
             self.full = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
-            if h.decode_stages and self.cache is not None:
+            if h._decode_stages and self.cache is not None:
                 self._cache_meta()  # decode stages need the metadata even if the prefill drops nothing
             if h.recipe.newlines != "candidate":
                 self.markers = h.adapter.row_markers(h.model, hidden, self.is_vision)
                 if self.markers is not None:
                     # a token's grid row: the markers before it (a marker ends its own row)
                     self.rows = torch.cumsum(self.markers.long(), 1) - self.markers.long()
-            if any(s.scorer.needs_embeddings for s in h.stages):
+            if any(s.scorer.needs_embeddings for s in h._stages):
                 self.embeddings = hidden
-        stage = h.stage_at.get(i)
+        stage = h._stage_at.get(i)
         if stage is not None:
             if h.profile:
                 t0 = _clock(hidden)
@@ -91,7 +91,7 @@ class Prefill:
             kwargs.update(self.cur)
             if self.cache_meta is not None:
                 self.cache_meta.layers[i] = self._layer_meta
-        nxt = h.stage_at.get(i + 1)
+        nxt = h._stage_at.get(i + 1)
         if nxt is not None:
             if nxt.scorer.needs_prev_hidden:
                 self.prev_hidden = hidden
@@ -119,7 +119,7 @@ class Prefill:
         """What this prefill did (see :class:`~tokencomp.stats.Stats`)."""
         B = self.is_vision.shape[0]
         per_layer, cur = [], self.is_vision.sum(1)
-        for i in range(self.handle.num_layers):
+        for i in range(self.handle._num_layers):
             cur = self.counts.get(i, cur)
             per_layer.append(cur)
         table = torch.stack(per_layer, dim=1).tolist() if per_layer else [[] for _ in range(B)]
@@ -208,7 +208,7 @@ class Prefill:
             if "q" not in got or "k" not in got:
                 raise UnsupportedModelError(f"attention projections of layer {stage.layer - 1} were not captured")
             q_rows = M.gather_seq(got["q"], queries.clamp(min=0), 1)
-            attn = self.handle.layers[stage.layer - 1].self_attn
+            attn = self.handle._layers[stage.layer - 1].self_attn
             return attention_rows(attn, q_rows, got["k"], cos, sin, queries, key_valid)
         queries = stage.scorer.queries(self._view(stage.layer, hidden, stage))
         normed = module.input_layernorm(hidden)
@@ -322,7 +322,7 @@ class Prefill:
         self.position_shift = shift[:, -1]
 
     def _regather(self, dtype) -> None:
-        full, idx, kind = self.full, self.idx, self.handle.kind
+        full, idx, kind = self.full, self.idx, self.handle._kind
         cos, sin = full["position_embeddings"]
         self.cur = {
             "attention_mask": M.gather_prefill_mask(
