@@ -120,3 +120,11 @@ def test_token_runs_end_where_the_id_changes():
     assert token_runs(mask) == [(1, 4, None), (5, 6, None)]
     assert token_runs(mask, ids) == [(1, 3, 3), (3, 4, 4), (5, 6, 3)]
     assert interfaces.token_runs is token_runs  # still importable where adapters used to find it
+
+
+def test_every_adapted_class_has_a_tiny_family_and_back():
+    """The synthetic family table and the adapters name the same model classes: a new adapter
+    comes with a tiny model to test it on (and every tiny model is adapted)."""
+    from tokencomp.synthetic import FAMILY_SPECS
+
+    assert {spec.model_class.__name__ for spec in FAMILY_SPECS.values()} == set(registry().supported_classes())

@@ -9,7 +9,8 @@ from PIL import Image
 
 import tokencomp
 from tokencomp import testing as T
-from tokencomp.checkpoints import CHAT_TEMPLATES, NEEDS_TORCHVISION, save_tiny_checkpoint
+from tokencomp.synthetic.checkpoints import CHAT_TEMPLATES, NEEDS_TORCHVISION, save_tiny_checkpoint
+from tokencomp.synthetic.llava import anyres_token_count
 
 try:
     import torchvision  # noqa: F401
@@ -67,7 +68,7 @@ def _expected_image_tokens(model, size):
     if family == "llava":
         return (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     if family in ("llava_next", "llava_onevision"):
-        return T._anyres_layout(model.config, size, False)[1]
+        return anyres_token_count(model.config, size, False)[1]
     return None  # Qwen: the processor's smart_resize decides; the forward checks consistency
 
 

@@ -11,7 +11,7 @@ import pytest
 
 import tokencomp.bench
 import tokencomp.runner
-import tokencomp.testing
+import tokencomp.synthetic
 from tokencomp.cli import main
 
 TINY = "qwen2-vl-7b:layers=4,hidden=64,heads=4,kv_heads=2,intermediate=128"
@@ -34,7 +34,7 @@ def no_model_work(monkeypatch):
 
     for name in ("_load_real", "_build_synthetic", "_generate_real"):
         monkeypatch.setattr(tokencomp.runner, name, forbidden)
-    monkeypatch.setattr(tokencomp.testing, "build_demo_model", forbidden)
+    monkeypatch.setattr(tokencomp.synthetic, "build_demo_model", forbidden)
 
 
 # Small sizes everywhere: were a check missing, the command would run quickly and fail the test.

@@ -167,7 +167,7 @@ def _colour(rgb) -> int:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from tokencomp.checkpoints import save_tiny_checkpoint
+    from tokencomp.synthetic import save_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("ck")
     return {f: save_tiny_checkpoint(f, root / f) for f in ("llava", "llava_next")}

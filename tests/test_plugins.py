@@ -561,10 +561,11 @@ def test_core_names_no_method():
 
 
 FAMILY = re.compile(r"llava|qwen|onevision", re.IGNORECASE)
-FAMILY_HOMES = ("models", "toy", "testing.py", "checkpoints.py", "integrations")
-"""Where a model family may be named in code: its adapter (``tokencomp/models/``); the modules that
-build models of named families (tiny / synthetic test models, their checkpoints, the toy model); and
-integrations, which map each family to the other tool's own class for it (lmms-eval's ``llava_hf``)."""
+FAMILY_HOMES = ("models", "synthetic", "toy", "integrations")
+"""Where a model family may be named in code: its adapter (``tokencomp/models/``); the packages that
+build models of named families (``synthetic/``: random-weight models, their inputs and checkpoints;
+``toy/``: the trained toy model); and integrations, which map each family to the other tool's own
+class for it (lmms-eval's ``llava_hf``)."""
 
 
 def family_names_in_code(source: str) -> list[str]:

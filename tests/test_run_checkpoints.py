@@ -22,7 +22,7 @@ COLOURS = np.array([(220, 30, 30), (30, 200, 30), (30, 30, 220), (0, 0, 0)], dty
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from tokencomp.checkpoints import save_tiny_checkpoint
+    from tokencomp.synthetic import save_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("ck")
     return {f: save_tiny_checkpoint(f, root / f) for f in ("llava", "llava_next")}

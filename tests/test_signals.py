@@ -8,7 +8,7 @@ import torch
 
 import tokencomp
 from tokencomp.errors import UnsupportedModelError
-from tokencomp.testing import _CLASSES, _attn_map, make_inputs, tiny_config
+from tokencomp.synthetic import FAMILY_SPECS, attn_map, make_inputs, tiny_config
 
 from test_engine import assert_cache_equals_replay, assert_rows_match_solo, gen_kwargs, tiny
 
@@ -19,7 +19,7 @@ def deep_llava(attn="sdpa", vision_layers=3):
     cfg.vision_config.num_hidden_layers = vision_layers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = _CLASSES["llava"]._from_config(cfg, attn_implementation=_attn_map(attn))
+        model = FAMILY_SPECS["llava"].model_class._from_config(cfg, attn_implementation=attn_map(attn))
     return model.eval()
 
 
@@ -121,7 +121,7 @@ def deep_anyres(family, attn="sdpa"):
     cfg.vision_config.num_hidden_layers = 3
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return _CLASSES[family]._from_config(cfg, attn_implementation=_attn_map(attn)).eval()
+        return FAMILY_SPECS[family].model_class._from_config(cfg, attn_implementation=attn_map(attn)).eval()
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])

@@ -51,7 +51,7 @@ def add_commands(sub) -> None:
     src.add_argument("--model", help="checkpoint id or path")
     src.add_argument("--synthetic", type=synthetic_spec,
                      help="random-weight model with a real decoder shape: NAME[:layers=N,hidden=H,...] "
-                          "(default: a narrowed LLaVA-1.5-7B shape, tokencomp.testing.BENCH_SYNTHETIC)")
+                          "(default: a narrowed LLaVA-1.5-7B shape, tokencomp.synthetic.BENCH_SYNTHETIC)")
     p.add_argument("--vision-tokens", type=positive_int, nargs="+", default=[576], help="one or more vision-token counts")
     p.add_argument("--text-tokens", type=nonnegative_int, default=60)
     p.add_argument("--batch", type=positive_int, default=1)
@@ -88,7 +88,7 @@ def add_commands(sub) -> None:
 def synthetic_spec(text: str) -> str:
     """``argparse`` type of ``--synthetic``: ``NAME[:key=N,...]`` with every size >= 1 and an even
     head dimension (rotary embeddings rotate pairs of channels)."""
-    from .testing import parse_synthetic
+    from .synthetic import parse_synthetic
 
     name, _, rest = text.partition(":")
     for item in filter(None, rest.split(",")):
@@ -241,7 +241,7 @@ def _load_real(model_id: str, attn: str, dtype):
 
 
 def _build_synthetic(spec: str, attn: str, dtype):
-    from .testing import build_synthetic
+    from .synthetic import build_synthetic
 
     try:
         return build_synthetic(spec, attn=attn, dtype=dtype)
@@ -265,7 +265,7 @@ def cmd_bench(args) -> int:
         check_model(args.model)
     dtype = getattr(torch, args.dtype)
     if not args.model and not args.synthetic:
-        from .testing import BENCH_SYNTHETIC
+        from .synthetic import BENCH_SYNTHETIC
 
         args.synthetic = BENCH_SYNTHETIC
     spec = args.model or f"synthetic {args.synthetic}"
@@ -339,7 +339,7 @@ def cmd_demo(args) -> int:
     check_output(args.out, "--out")
     if not args.synthetic:
         return _demo_toy(args, recipe)
-    from .testing import build_demo_model, demo_inputs
+    from .synthetic import build_demo_model, demo_inputs
 
     model = build_demo_model(DEMO_LAYERS, DEMO_IMAGE)
     image = demo_picture(DEMO_IMAGE)
