@@ -9,7 +9,7 @@
 
 from .errors import PluginError, RecipeError, TokencompError, UnsupportedModelError, UsageError
 from .hookspecs import hookimpl
-from .interfaces import LayerView, Merger, ModelAdapter, Schedule, Scorer, Selector, Stage
+from .interfaces import LayerView, Merger, ModelAdapter, Schedule, Scorer, Selection, Selector, Stage
 from .recipe import Recipe, default_recipe, load_recipe, shipped_recipes
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Handle",
     "Stats",
     "LayerView",
+    "Selection",
     "Scorer",
     "Selector",
     "Merger",
