@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tokencomp
-from tokencomp import analyze, plugins
+from tokencomp import analyze
 from tokencomp.cli import main
 from tokencomp.interfaces import Scorer
 from tokencomp.testing import build_tiny, make_inputs
@@ -30,7 +30,7 @@ class _LateScorer(Scorer):
 
 
 @pytest.fixture
-def late_scorer():
+def late_scorer(in_process_plugin):
     plugin = types.SimpleNamespace()
 
     @tokencomp.hookimpl
@@ -38,11 +38,7 @@ def late_scorer():
         register(_LateScorer)
 
     plugin.register_scorers = register_scorers
-    name = plugins.register(plugin, name="test-analyze-late")
-    try:
-        yield
-    finally:
-        plugins.unregister(name)
+    in_process_plugin(plugin, "test-analyze-late")  # this test's own registry, nothing process-wide
 
 
 @pytest.fixture(scope="module")

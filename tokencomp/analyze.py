@@ -121,7 +121,7 @@ def vision_positions(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """Per sample, the sequence positions of its vision placeholder tokens, in order (front → end)."""
     from .plugins import registry
 
-    ids = registry().adapter_for(model).vision_token_ids(model)
+    ids = registry().adapter_for(model).vision_token_ids()
     mask = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
     return [row.nonzero().flatten().cpu() for row in mask]
 
