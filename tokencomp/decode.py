@@ -20,6 +20,12 @@ META_ATTR = "_tokencomp_meta"
 """Attribute of a compacted cache that holds its :class:`CacheMeta`."""
 
 
+def forward_cache(kwargs: dict):
+    """The KV cache a model forward was given: ``past_key_values=``, or ``cache=`` (some models' inner
+    calls). The one cache-keyword lookup (engine, prefill, decode and integrations use it)."""
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
 @dataclass
 class LayerMeta:
     """What a decode step needs to know about the compacted layers of one stage: kept original
@@ -146,7 +152,7 @@ class Decode:
         pos = kwargs.get("position_ids")
         if pos is None:
             ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-            start = kwargs.get("cache", kwargs.get("past_key_values")).get_seq_length()  # logical length
+            start = forward_cache(kwargs).get_seq_length()  # logical length
             pos = torch.arange(start, start + ref.shape[1], device=shift.device).expand(ref.shape[0], -1)
         kwargs = dict(kwargs)
         kwargs["position_ids"] = pos - shift.to(pos.device)[:, None]
@@ -172,7 +178,7 @@ class Decode:
         key = (id(meta), len(hidden_by))
         if key not in self._masks:
             h = args[0] if args else kwargs["hidden_states"]
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cache = forward_cache(kwargs)
             new, cols = self._remapped(i, meta, mask, h, cache)
             for hide in hidden_by:
                 hide = torch.nn.functional.pad(hide, (0, h.shape[1]))  # room for this step's tokens
@@ -214,7 +220,7 @@ class Decode:
     def _decode_stage(self, stage, kwargs) -> None:
         """Rank the vision tokens cached in layer ``l`` by the new token's attention at layer ``l - 1``."""
         h, meta, l = self.handle, self.cache_meta, stage.layer
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = forward_cache(kwargs)
         q = self._q.pop(l - 1, None)
         if q is None or not cache.layers[l - 1].is_initialized:
             return

@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from . import masks as M
-from .decode import Decode, meta_of
+from .decode import Decode, forward_cache, meta_of
 from .errors import PluginError, UnsupportedModelError, UsageError, copy_refused
 from .interfaces import Schedule, Selection, Stage
 from .plugins import PluginRegistry, registry
@@ -441,11 +441,6 @@ class Handle:
             # generate() may run the tower before the prefill and hand its output back to every
             # forward as `mm_encoder_outputs`: the signal travels with that object.
             carrier.__dict__.setdefault(_SIGNALS_ATTR, {})[name] = values
-
-
-def forward_cache(kwargs: dict):
-    """The KV cache a model forward was given: ``past_key_values=``, or ``cache=`` (some models' inner calls)."""
-    return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
 def prompt_vision_mask(args: tuple, kwargs: dict, vision_ids: torch.Tensor) -> Optional[torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from . import masks as M
 from .accounting import kept_count
 from .compaction import compact
-from .decode import CacheMeta, LayerMeta, attach, meta_of
+from .decode import CacheMeta, LayerMeta, attach, forward_cache, meta_of
 from .errors import PluginError, UnsupportedModelError
 from .interfaces import LayerView, Stage
 from .probes import attention_rows
@@ -67,7 +67,7 @@ class Prefill:
         h = self.handle
         hidden = args[0] if args else kwargs["hidden_states"]
         if i == 0:
-            self.cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            self.cache = forward_cache(kwargs)
             self.full = {k: kwargs.get(k) for k in ("attention_mask", "position_embeddings", "position_ids")}
             if h._decode_stages and self.cache is not None:
                 self._cache_meta()  # decode stages need the metadata even if the prefill drops nothing
