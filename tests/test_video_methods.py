@@ -1,5 +1,6 @@
 """Video methods (DyCoke TTM, FastVID, HoliTom, PruneVid) and SparseVLM recycling: the math against
-hand-written loops, batch == single, exact budgets, keep = 1 identity (recipes: test_shipped_recipes)."""
+hand-written loops, the batched code paths against one set / one sample at a time, batch == single,
+exact budgets, keep = 1 identity (recipes: test_shipped_recipes)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import tokencomp
 from tokencomp.accounting import tokens_per_layer
 from tokencomp.interfaces import LayerView
 from tokencomp.mergers.holitom import HoliTomInnerMerger
-from tokencomp.mergers.recycle import RecycleMerger, dpc_knn
+from tokencomp.mergers.recycle import RecycleMerger, cluster_members, dpc_knn, shared_plan, top_stable
 from tokencomp.ranking import best_mask
-from tokencomp.scorers.dycoke import DyCokeScorer, video_frames
-from tokencomp.scorers.fastvid import segments
-from tokencomp.scorers.holitom import static_windows
+from tokencomp.scorers.dycoke import DyCokeScorer, ttm_passes, ttm_references, video_frames, video_index
+from tokencomp.scorers.fastvid import fastvid_plan, segments
+from tokencomp.scorers.holitom import holitom_plan, run_lengths, static_windows
 from tokencomp.scorers.prunevid import prunevid_plan
 from tokencomp.testing import build_tiny, make_inputs, suppress_ids, take_sample
 
@@ -188,6 +189,190 @@ def test_prunevid_static_positions_and_merge():
     apply_merges(view.hidden, out, 0, kept, (slots, members, owner))
     for l in static:
         assert torch.allclose(out[0, 3 + l], x[:, l].mean(0), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched code paths: the same results as one frame / one set / one sample at a time
+# --------------------------------------------------------------------------------------------------
+
+
+def ragged_view(samples, D=12, seed=0, keep=0.3):
+    """A left-padded batch: per sample a list of ``("text", n)``, ``("image", n)`` or
+    ``("video", T, P, newline)``; frames alike but for some positions (so windows and static
+    tokens occur)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for segs in samples:
+        hs, vis, grp, gid = [], [], [], 0
+        for kind, *a in segs:
+            if kind == "video":
+                T, P, newline = a
+                base = torch.randn(P, D, generator=g)
+                moving = torch.rand(P, 1, generator=g) < 0.4
+                x = base + 0.05 * torch.randn(T, P, D, generator=g) + moving * torch.randn(T, P, D, generator=g)
+                hs.append(x.reshape(T * P, D))
+                vis += [True] * (T * P)
+                grp += [gid + t for t in range(T) for _ in range(P)]
+                if newline:
+                    hs.append(torch.randn(1, D, generator=g))
+                    vis.append(True)
+                    grp.append(gid + T - 1)
+                gid += T
+            else:
+                hs.append(torch.randn(a[0], D, generator=g))
+                vis += [kind == "image"] * a[0]
+                grp += [gid if kind == "image" else -1] * a[0]
+                gid += kind == "image"
+        rows.append((torch.cat(hs), vis, grp))
+    B, S = len(rows), max(len(r[1]) for r in rows)
+    h = torch.zeros(B, S, D)
+    vm, valid = torch.zeros(B, S, dtype=torch.bool), torch.zeros(B, S, dtype=torch.bool)
+    groups = torch.full((B, S), -1)
+    for b, (x, v, gr) in enumerate(rows):
+        n = len(v)
+        h[b, S - n :], vm[b, S - n :], valid[b, S - n :] = x, torch.tensor(v), True
+        groups[b, S - n :] = torch.tensor(gr)
+    ar = torch.arange(S).expand(B, S)
+    ti = torch.cumsum(valid.long(), 1) - 1
+    return LayerView(0, h, vm, valid & ~vm, torch.full((B,), S - 1), ar, groups, ti, keep=keep)
+
+
+RAGGED = [
+    [("text", 3), ("image", 7), ("video", 9, 12, True), ("text", 5)],
+    [("text", 6), ("video", 4, 12, True), ("text", 2)],
+    [("text", 4), ("video", 6, 8, False), ("text", 2), ("video", 3, 5, False), ("text", 1), ("video", 1, 6, False), ("text", 2)],
+]
+
+
+def sample_view(view, b):
+    """Sample ``b`` of ``view`` alone, its padding removed."""
+    pad = int((view.token_index[b] < 0).sum())
+    row = lambda t: t[b : b + 1, pad:]
+    S = view.hidden.shape[1] - pad
+    ar = torch.arange(S)[None]
+    return LayerView(0, row(view.hidden), row(view.vision_mask), row(view.text_mask), torch.tensor([S - 1]), ar,
+                     row(view.groups), row(view.token_index), keep=view.keep), pad
+
+
+def test_video_index_layout_of_a_ragged_batch():
+    view = ragged_view(RAGGED)
+    videos = video_index(view)
+    S = view.hidden.shape[1]
+    # Sample 0: text 3, image 7, then 9 frames of 12 (newline left out); sample 1: 4 frames of 12.
+    (v0,), (v1,) = videos[0], videos[1]
+    start0 = S - (3 + 7 + 9 * 12 + 1 + 5) + 10
+    assert torch.equal(v0, torch.arange(start0, start0 + 108).view(9, 12))
+    start1 = S - (6 + 4 * 12 + 1 + 2) + 6
+    assert torch.equal(v1, torch.arange(start1, start1 + 48).view(4, 12))
+    # Sample 2: two videos (6 x 8 after text, then 3 x 5); the one-frame "video" is no video.
+    start2 = S - (4 + 48 + 2 + 15 + 1 + 6 + 2) + 4
+    assert [v.shape for v in videos[2]] == [(6, 8), (3, 5)]
+    assert torch.equal(videos[2][0], torch.arange(start2, start2 + 48).view(6, 8))
+    assert torch.equal(videos[2][1], torch.arange(start2 + 50, start2 + 65).view(3, 5))
+    # video_frames: the same, one tensor per frame.
+    assert [[f.tolist() for f in v] for v in video_frames(view, 2)] == [v.tolist() for v in videos[2]]
+
+
+@pytest.mark.parametrize("T", range(1, 15))
+def test_ttm_passes_are_the_official_pairs(T):
+    for skip in (True, False):
+        m1, m2 = ttm_passes(T, skip)
+        pairs = {j: j - 1 for j in range(1, 2 * m1, 2)} | {j: j - 2 for j in range(2, 4 * m2, 4)}
+        assert pairs == ttm_references(T, skip)
+
+
+def test_dpc_knn_and_clusters_batched_equal_one_set_at_a_time():
+    x = torch.randn(5, 30, 16, generator=torch.Generator().manual_seed(1))
+    score, dist = dpc_knn(x, 7)
+    centres = top_stable(score, 6)
+    assign = cluster_members(dist, centres)
+    for i in range(5):
+        s1, d1 = dpc_knn(x[i], 7)
+        assert torch.equal(score[i], s1) and torch.equal(dist[i], d1)
+        c1 = top_stable(s1, 6)
+        assert torch.equal(centres[i], c1) and torch.equal(assign[i], cluster_members(d1, c1))
+    assert dpc_knn(x[0, :0], 3)[0].shape == (0,)
+
+
+def test_run_lengths_and_windows_match_loops():
+    torch.manual_seed(4)
+    for T in (2, 5, 9):
+        above = torch.rand(T - 1, 6) < 0.7
+        runs = run_lengths(above)
+        for t in range(T - 1):
+            for l in range(6):
+                n = 0
+                while t + n < T - 1 and above[t + n, l]:
+                    n += 1
+                assert int(runs[t, l]) == n
+    # Long static stretches: windows are capped by max_window and still cover every frame.
+    sim = torch.full((11, 4), 0.95)
+    windows, saved = static_windows(sim, 0.8, 3)
+    assert all(e - s + 1 <= 3 for s, e in windows) and windows[0][0] == 0 and windows[-1][1] == 11
+    assert saved == sum(4 * (e - s) for s, e in windows)
+
+
+@pytest.mark.parametrize("plan", ["fastvid", "holitom", "prunevid"])
+def test_plans_same_in_a_batch_as_alone(plan):
+    view = ragged_view(RAGGED, keep=0.35, seed=2)
+    make, params = {
+        "fastvid": (fastvid_plan, (3, 0.5, 0.4, 2)),
+        "holitom": (holitom_plan, (0.8, 1024)),
+        "prunevid": (prunevid_plan, (0.5, 0.5, 0.5)),
+    }[plan]
+    plans = make(view, *params)
+    for b in range(3):
+        alone, pad = sample_view(view, b)
+        ((score, merges),) = make(alone, *params)
+        assert torch.equal(plans[b][0][pad:], score)
+        for got, want in zip(plans[b][1][:2], merges[:2]):
+            assert torch.equal(got, want + pad)
+        assert torch.equal(plans[b][1][2], merges[2])
+
+
+def test_shared_plan_once_per_view():
+    calls = []
+
+    def make(view, k):
+        calls.append(k)
+        return object()
+
+    view = video_view()
+    first = shared_plan(make, view, 1)
+    assert shared_plan(make, view, 1) is first and calls == [1]  # the merger reuses the scorer's plan
+    shared_plan(make, view, 2)  # other parameters
+    shared_plan(make, LayerView(**view.__dict__), 2)  # another view
+    assert len(calls) == 3
+    view.hidden.add_(0)  # an in-place edit of the states
+    shared_plan(make, view, 2)
+    assert len(calls) == 4
+    # The scorer's and the merger's plan are the same object: computed once per stage.
+    v = ragged_view(RAGGED, keep=0.3)
+    assert shared_plan(fastvid_plan, v, 8, 0.9, 0.4, 4) is shared_plan(fastvid_plan, v, 8, 0.9, 0.4, 4)
+
+
+def test_fastvid_members_go_to_their_most_similar_context_token():
+    """DTM: each merge member of a segment lands on the context token of each anchor frame it is the
+    most cosine-similar to (the per-anchor products are batched over the anchors of a segment)."""
+    view = ragged_view([[("text", 2), ("video", 8, 20, False), ("text", 2)]], D=16, keep=0.5, seed=3)
+    ((_, (slots, members, owner)),) = fastvid_plan(view, 3, 0.5, 0.4, 2)
+    h = view.hidden[0]
+    frame = lambda i: (i - 2) // 20
+    by_anchor = {}
+    for j, s in enumerate(slots.tolist()):
+        by_anchor.setdefault(frame(s), []).append(j)
+    for m, o in zip(members.tolist(), owner.tolist()):
+        ctx = by_anchor[frame(int(slots[o]))]
+        sims = torch.nn.functional.cosine_similarity(h[m][None], h[slots[ctx]], dim=-1)
+        assert float(sims[ctx.index(o)]) >= float(sims.max()) - 1e-6
+
+
+def test_prunevid_without_clusters_merges_nothing():
+    view = ragged_view([[("text", 2), ("video", 6, 30, False), ("text", 2)]], keep=0.5)
+    ((score, (slots, members, owner)),) = prunevid_plan(view, 0.8, 0.25, 0.0)  # int(n * 0) clusters
+    # Sets of more than 14 tokens make no cluster; smaller ones stay tokens of their own.
+    assert torch.equal(slots[owner], members)
+    assert torch.isfinite(score).all()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 import tokencomp
 from tokencomp.interfaces import LayerView, Merger
-from tokencomp.mergers.recycle import apply_merges
+from tokencomp.mergers.recycle import apply_merges, shared_plan
 from tokencomp.scorers.fastvid import fastvid_plan
 
 
@@ -32,7 +32,7 @@ class FastVIDMerger(Merger):
 
     def merge(self, view: LayerView, kept, dropped, summary):
         out = view.hidden.clone()
-        for b, (_, merges) in enumerate(fastvid_plan(view, self.c, self.tau, self.d, self.p)):
+        for b, (_, merges) in enumerate(shared_plan(fastvid_plan, view, self.c, self.tau, self.d, self.p)):
             apply_merges(view.hidden, out, b, kept, merges, beta=self.beta)
         return out, torch.zeros_like(kept)
 

@@ -19,7 +19,7 @@ import torch
 
 import tokencomp
 from tokencomp.interfaces import LayerView, Merger
-from tokencomp.mergers.recycle import apply_merges
+from tokencomp.mergers.recycle import apply_merges, shared_plan
 from tokencomp.scorers.holitom import holitom_plan
 
 
@@ -36,7 +36,7 @@ class HoliTomMerger(Merger):
 
     def merge(self, view: LayerView, kept, dropped, summary):
         out = view.hidden.clone()
-        for b, (_, merges) in enumerate(holitom_plan(view, self.tau, self.max_window)):
+        for b, (_, merges) in enumerate(shared_plan(holitom_plan, view, self.tau, self.max_window)):
             apply_merges(view.hidden, out, b, kept, merges)
         return out, torch.zeros_like(kept)
 

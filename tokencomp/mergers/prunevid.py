@@ -12,7 +12,7 @@ import torch
 
 import tokencomp
 from tokencomp.interfaces import LayerView, Merger
-from tokencomp.mergers.recycle import apply_merges
+from tokencomp.mergers.recycle import apply_merges, shared_plan
 from tokencomp.scorers.prunevid import prunevid_plan
 
 
@@ -28,7 +28,7 @@ class PruneVidMerger(Merger):
 
     def merge(self, view: LayerView, kept, dropped, summary):
         out = view.hidden.clone()
-        for b, (_, merges) in enumerate(prunevid_plan(view, self.tau, self.temporal_ratio, self.cluster_ratio)):
+        for b, (_, merges) in enumerate(shared_plan(prunevid_plan, view, self.tau, self.temporal_ratio, self.cluster_ratio)):
             apply_merges(view.hidden, out, b, kept, merges)
         return out, torch.zeros_like(kept)
 

@@ -23,6 +23,8 @@ is a candidate in sequence order. No density noise: ties go to the earlier token
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -32,33 +34,38 @@ from tokencomp.interfaces import LayerView, Merger
 
 
 def dpc_knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPC-kNN centre scores of the rows of ``x`` (N, D): ``(ρ·δ, d)`` with ``d`` the scaled distances.
+    """DPC-kNN centre scores of the rows of ``x`` (N, D), or of each ``(N, D)`` set of a batch ``x``
+    (..., N, D): ``(ρ·δ, d)`` with ``d`` the scaled distances.
 
     The shared density-peaks step of SparseVLM, FastVID, HoliTom and PruneVid (their
     ``cluster_dpc_knn``): ``d = cdist / √D``, ``ρ = exp(−mean of the k smallest d², self included)``,
-    ``δ`` = distance to the nearest row of higher density (``max d`` if none). No noise."""
-    N, D = x.shape
+    ``δ`` = distance to the nearest row of higher density (``max d`` of its set if none). No noise.
+    A batch gives each set the same result as alone (the video methods score all frames at once)."""
+    N, D = x.shape[-2:]
     xf = x.float()
-    dist = torch.cdist(xf[None], xf[None])[0] / (D**0.5)
+    dist = torch.cdist(xf, xf) / (D**0.5)
     k = max(1, min(k, N))
+    if N == 0:
+        return dist.sum(-1), dist
     near = torch.topk(dist, k, dim=-1, largest=False).values
     density = torch.exp(-(near**2).mean(-1))
-    higher = density[None, :] > density[:, None]
-    dmax = dist.max() if N else dist.new_zeros(())
-    delta = torch.where(higher, dist, dmax).min(-1).values if N else density
+    higher = density[..., None, :] > density[..., :, None]
+    dmax = dist.amax((-2, -1), keepdim=True)
+    delta = torch.where(higher, dist, dmax).min(-1).values
     return delta * density, dist
 
 
 def top_stable(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest ``values`` (ties: the earlier one)."""
-    return torch.sort(values, descending=True, stable=True).indices[:k]
+    """Indices of the ``k`` largest ``values`` along the last dimension (ties: the earlier one)."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def cluster_members(dist: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """Index (into ``centres``) of each row's nearest centre; centres join themselves."""
-    assign = dist[:, centres].argmin(-1)
-    assign[centres] = torch.arange(len(centres), device=dist.device)
-    return assign
+    """Index (into ``centres``) of each row's nearest centre; centres join themselves. Batched:
+    ``dist`` (..., N, N) and ``centres`` (..., c) give (..., N)."""
+    assign = dist.gather(-1, centres[..., None, :].expand(*dist.shape[:-1], centres.shape[-1])).argmin(-1)
+    ar = torch.arange(centres.shape[-1], device=dist.device).expand_as(centres)
+    return assign.scatter(-1, centres, ar)
 
 
 def relation_scores(view: LayerView) -> torch.Tensor:
@@ -89,8 +96,7 @@ class RecycleMerger(Merger):
         out = h.clone()
         slots = torch.zeros_like(kept)
         rel = relation_scores(view)
-        for b in range(h.shape[0]):
-            c = int(summary[b])
+        for b, c in enumerate(summary.tolist()):  # one host sync for the batch
             if c <= 0:
                 continue
             idx = dropped[b].nonzero().flatten()
@@ -111,33 +117,59 @@ def register_mergers(register):
     register(RecycleMerger)
 
 
+_plans = threading.local()
+
+
+def shared_plan(make, view: LayerView, *params):
+    """``make(view, *params)``, computed once for a view: a stage's scorer and merger see the same
+    :class:`LayerView` and need the same plan (FastVID, HoliTom, PruneVid), so the merger takes the
+    scorer's. Only the last plan of the thread is kept, with a weak reference to its view (dropped
+    with the view); the key holds the function, the parameters and the version of ``view.hidden``,
+    so a changed view or an in-place edit recomputes."""
+    key = (make, params, view.hidden._version)
+    last = getattr(_plans, "last", None)
+    if last is not None and last[0]() is view and last[1] == key:
+        return last[2]
+    plan = make(view, *params)
+    _plans.last = (weakref.ref(view, _forget), key, plan)
+    return plan
+
+
+def _forget(ref) -> None:
+    """Drop the kept plan once its view is gone."""
+    last = getattr(_plans, "last", None)
+    if last is not None and last[0] is ref:
+        _plans.last = None
+
+
 def pack_merges(slots: list, members: list, owner: list, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``(slots, members, owner)`` triple :func:`apply_merges` reads, from lists built per group
-    (three empty tensors when nothing merges)."""
+    """The ``(slots, members, owner)`` triple :func:`apply_merges` reads, from lists of 1-D tensors
+    built per group (three empty tensors when nothing merges)."""
     if not slots:
         return (torch.zeros(0, dtype=torch.long, device=device),) * 3
-    return torch.stack(slots), torch.cat(members), torch.cat(owner)
+    return torch.cat(slots), torch.cat(members), torch.cat(owner)
 
 
 def apply_merges(h: torch.Tensor, out: torch.Tensor, b: int, kept: torch.Tensor, merges, beta=None) -> None:
     """Write merged states into ``out[b]``: ``merges`` is ``(slots (M,), members (E,), owner (E,))``,
-    sequence indices of the merge targets, of the member tokens and the target each member goes to.
-    A kept slot becomes the mean of its members, itself and the dropped ones (``beta``: FastVID's ``w·x + (1 − w)·mean`` with
-    ``w = max(beta, 1 / (members + 1))``); slots the selector dropped are left alone."""
+    sequence indices of the merge targets (distinct), of the member tokens and the target each member
+    goes to. A kept slot becomes the mean of its members, itself and the dropped ones (``beta``:
+    FastVID's ``w·x + (1 − w)·mean`` with ``w = max(beta, 1 / (members + 1))``); slots the selector
+    dropped are left alone. No host sync: excluded members add exact zeros, each slot's sum still
+    adds its members in list order."""
     slots, members, owner = merges
     if slots.numel() == 0:
         return
     # Kept tokens other than the target survive on their own: not merged into it.
-    own = (~kept[b, members]) | (members == slots[owner])
-    members, owner = members[own], owner[own]
+    own = ((~kept[b, members]) | (members == slots[owner])).float()
     hb = h[b].float()
-    sums = torch.zeros(slots.numel(), hb.shape[-1], device=h.device).index_add_(0, owner, hb[members])
-    cnt = torch.zeros(slots.numel(), device=h.device).index_add_(0, owner, torch.ones_like(owner, dtype=torch.float32))
+    sums = torch.zeros(slots.numel(), hb.shape[-1], device=h.device).index_add_(0, owner, hb[members] * own[:, None])
+    cnt = torch.zeros(slots.numel(), device=h.device).index_add_(0, owner, own)
     mean = sums / cnt.clamp(min=1)[:, None]
     if beta is not None:
         w = torch.clamp(1.0 / (cnt + 1), min=beta)[:, None]
         mean = torch.where(cnt[:, None] > 0, w * hb[slots] + (1 - w) * mean, hb[slots])
     else:
         mean = torch.where(cnt[:, None] > 0, mean, hb[slots])
-    ok = kept[b, slots]
-    out[b, slots[ok]] = mean[ok].to(out.dtype)
+    ok = kept[b, slots, None]
+    out[b, slots] = torch.where(ok, mean.to(out.dtype), out[b, slots])

@@ -39,40 +39,60 @@ from tokencomp.interfaces import LayerView, Scorer
 KEEP, HIGH, LOW = 8.0, 4.0, 0.0
 
 
-def video_frames(view: LayerView, b: int) -> list[list[torch.Tensor]]:
-    """Videos of sample ``b``: lists (≥ 2) of frames, each the ``(P,)`` sequence indices of its tokens in
-    order, all of the first frame's size ``P`` (a last frame's extra tokens, e.g. OneVision's newline,
-    are left out). Groups that are not frames of a video (images) are not listed."""
-    idx = view.vision_mask[b].nonzero().flatten()
-    if idx.numel() == 0:
-        return []
-    g = view.groups[b, idx].tolist()
-    ti = view.token_index[b, idx].tolist()
-    runs, start = [], 0
-    for j in range(1, len(g) + 1):
-        if j == len(g) or g[j] != g[j - 1]:
-            runs.append((start, j))
-            start = j
-    videos, cur = [], []
-    for s, e in runs:
-        size = e - s
+def video_index(view: LayerView) -> list[list[torch.Tensor]]:
+    """Videos of every sample: ``out[b]`` lists sample ``b``'s videos, each a ``(T, P)`` long tensor of
+    the sequence indices of its ``T ≥ 2`` frames' tokens in order, every frame of the first frame's
+    size ``P`` (a last frame's extra tokens, e.g. OneVision's newline, are left out). Groups that are
+    not frames of a video (images) are not listed.
+
+    A video is a run of consecutive groups (among each sample's vision tokens) whose tokens are
+    contiguous and whose frames have the first frame's size, the last one possibly one larger. The
+    runs are found with tensor ops over the whole batch and read back once (three small host syncs
+    whatever the number of frames); only the grouping of the runs loops, on host integers."""
+    nz = view.vision_mask.nonzero()
+    out: list[list[torch.Tensor]] = [[] for _ in range(view.vision_mask.shape[0])]
+    if nz.shape[0] == 0:
+        return out
+    bi, si = nz[:, 0], nz[:, 1]
+    g = view.groups[bi, si]
+    ti = view.token_index[bi, si]
+    new = torch.ones_like(bi, dtype=torch.bool)
+    new[1:] = (bi[1:] != bi[:-1]) | (g[1:] != g[:-1])
+    starts = new.nonzero().flatten()
+    ends = torch.cat([starts[1:], starts.new_tensor([bi.shape[0]])])
+    # Per run: start (in the flat vision list), end, sample, token index of its first and last token.
+    runs = torch.stack([starts, ends, bi[starts], ti[starts], ti[ends - 1]], 1).tolist()
+    videos: list[tuple[int, list]] = []
+    cur: list = []
+    for run in runs:
+        s, e, b, first, _ = run
         if cur:
-            ps, pe = cur[-1]
+            ps, pe, pb, _, plast = cur[-1]
             P = cur[0][1] - cur[0][0]
-            if ti[s] == ti[pe - 1] + 1 and (pe - ps) == P and size in (P, P + 1):
-                cur.append((s, e))
+            if b == pb and first == plast + 1 and pe - ps == P and e - s in (P, P + 1):
+                cur.append(run)
                 continue
-            videos.append(cur)
-        cur = [(s, e)]
-    if cur:
-        videos.append(cur)
-    out = []
-    for v in videos:
+            videos.append((cur[0][2], cur))
+        cur = [run]
+    videos.append((cur[0][2], cur))
+    for b, v in videos:
         if len(v) < 2:
             continue
-        P = v[0][1] - v[0][0]
-        out.append([idx[s : s + P] for s, _ in v])
+        s, P = v[0][0], v[0][1] - v[0][0]
+        # Every frame but the last has exactly P tokens: the frames are one slice of the flat list.
+        out[b].append(si[s : s + len(v) * P].view(len(v), P))
     return out
+
+
+def video_frames(view: LayerView, b: int) -> list[list[torch.Tensor]]:
+    """Videos of sample ``b`` as lists (≥ 2) of frames, each the ``(P,)`` sequence indices of its
+    tokens (:func:`video_index` of that sample, one tensor per frame)."""
+    return [list(v.unbind(0)) for v in video_index(view)[b]]
+
+
+def frame_states(h: torch.Tensor, b: int, idx: torch.Tensor) -> torch.Tensor:
+    """``(T, P, D)`` float32 states of sample ``b``'s video frames ``idx`` (T, P) (a row gather)."""
+    return h[b].index_select(0, idx.flatten()).view(*idx.shape, h.shape[-1]).float()
 
 
 def ttm_references(num_frames: int, skip_last_group: bool = True) -> dict[int, int]:
@@ -82,6 +102,13 @@ def ttm_references(num_frames: int, skip_last_group: bool = True) -> dict[int, i
     for i in range(0, bound, 4):
         ref[i + 2] = i
     return ref
+
+
+def ttm_passes(num_frames: int, skip_last_group: bool = True) -> tuple[int, int]:
+    """How many frames each pass of :func:`ttm_references` compares: ``(m1, m2)``, frames ``1, 3, …,
+    2·m1 − 1`` with the frame before them, then frames ``2, 6, …, 4·m2 − 2`` with the frame two before."""
+    bound = num_frames - 4 if skip_last_group else num_frames - 2
+    return num_frames // 2, len(range(0, bound, 4))
 
 
 @dataclass(frozen=True)
@@ -98,16 +125,21 @@ class DyCokeScorer(Scorer):
     def score(self, view: LayerView):
         h = view.hidden
         out = torch.full(view.vision_mask.shape, KEEP, dtype=torch.float32, device=h.device)
-        for b in range(h.shape[0]):
-            for frames in video_frames(view, b):
-                P = frames[0].numel()
+        for b, videos in enumerate(video_index(view)):
+            for idx in videos:
+                T, P = idx.shape
                 keep = int((1 - self.k) * P)
-                for j, r in ttm_references(len(frames), self.skip_last_group).items():
-                    sim = torch.nn.functional.cosine_similarity(h[b, frames[j]].float(), h[b, frames[r]].float(), dim=-1)
-                    order = torch.sort(sim, stable=True).indices  # lowest similarity first
-                    tier = torch.full_like(sim, LOW)
-                    tier[order[:keep]] = HIGH
-                    out[b, frames[j]] = tier + (1 - sim)
+                m1, m2 = ttm_passes(T, self.skip_last_group)
+                x = frame_states(h, b, idx)
+                # Both passes on strided views of the frames (odd frames against the one before,
+                # frames 2, 6, … against the one two before): (m1 + m2, P) similarities.
+                sim = torch.cat([
+                    torch.nn.functional.cosine_similarity(x[1 : 2 * m1 : 2], x[0 : 2 * m1 : 2], dim=-1),
+                    torch.nn.functional.cosine_similarity(x[2::4][:m2], x[0::4][:m2], dim=-1),
+                ])
+                order = torch.sort(sim, dim=-1, stable=True).indices  # lowest similarity first
+                tier = torch.full_like(sim, LOW).scatter_(1, order[:, :keep], HIGH)
+                out[b, torch.cat([idx[1 : 2 * m1 : 2], idx[2::4][:m2]])] = tier + (1 - sim)
         return out
 
 

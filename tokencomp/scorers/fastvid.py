@@ -34,65 +34,87 @@ import torch
 
 import tokencomp
 from tokencomp.interfaces import LayerView, Scorer
-from tokencomp.mergers.recycle import dpc_knn, pack_merges, top_stable
-from tokencomp.scorers.dycoke import KEEP, video_frames
+from tokencomp.mergers.recycle import dpc_knn, pack_merges, shared_plan, top_stable
+from tokencomp.scorers.dycoke import KEEP, frame_states, video_index
 from tokencomp.scorers.holitom import salience, squash
 
 
 def segments(x: torch.Tensor, c: int, tau: float) -> list[int]:
-    """DySeg segment sizes of the frames ``x`` (T, P, D)."""
+    """DySeg segment sizes of the frames ``x`` (T, P, D) (one host sync)."""
     T = x.shape[0]
     g = torch.nn.functional.normalize(x.mean(1), dim=-1)
     s = (g[:-1] * g[1:]).sum(-1)
-    cuts = set(torch.sort(s, stable=True).indices[: max(c - 1, 0)].tolist()) | set((s < tau).nonzero().flatten().tolist())
-    bounds = [-1] + sorted(cuts) + [T - 1]
-    return [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    cut = s < tau
+    cut[torch.sort(s, stable=True).indices[: max(c - 1, 0)]] = True
+    bounds = [-1] + [t for t, v in enumerate(cut.tolist()) if v] + [T - 1]
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def fastvid_plan(view: LayerView, c: int, tau: float, d: float, p: int, k: int = 4):
-    """Per sample: ``(scores (S,), merges)`` (see :func:`tokencomp.mergers.recycle.apply_merges`)."""
+    """Per sample: ``(scores (S,), merges)`` (see :func:`tokencomp.mergers.recycle.apply_merges`).
+
+    Batched over the frames of a video: the salient tokens of every frame, the density scores of
+    every anchor frame at once; the merge assignment loops over the segments (a few kernels each)."""
     h = view.hidden
     dev = h.device
     plans = []
-    for b in range(h.shape[0]):
+    for b, videos in enumerate(video_index(view)):
         score = torch.full(view.vision_mask.shape[1:], KEEP, device=dev)
         slots, members, owner = [], [], []
-        for frames in video_frames(view, b):
-            idx = torch.stack(frames)
+        n_slots = 0
+        for idx in videos:
             T, P = idx.shape
-            x = h[b, idx].float()
+            x = frame_states(h, b, idx)
             sal = squash(salience(x))
             retain = int(P * view.keep)
             n_sal = retain - int(retain * d)
             n_ctx = retain - n_sal
-            tier = torch.zeros(T, P, device=dev)
-            rest = []
-            for t in range(T):
-                top = top_stable(sal[t], n_sal)
-                tier[t, top] = 4.0
-                mask = torch.ones(P, dtype=torch.bool, device=dev)
-                mask[top] = False
-                rest.append(mask.nonzero().flatten())
-            start = 0
-            for L in segments(x, c, tau):
-                anchors = [start + j for j in range(L) if (L - 1 - j) % p == 0]
-                per = n_ctx * L // len(anchors)
-                seg_tok = torch.cat([idx[t, rest[t]] for t in range(start, start + L)])
-                seg_x = torch.cat([x[t, rest[t]] for t in range(start, start + L)])
-                unit = torch.nn.functional.normalize(seg_x, dim=-1)
-                for a in anchors:
-                    dscore, _ = dpc_knn(x[a, rest[a]], k)
-                    ctx = rest[a][top_stable(dscore, per)]
-                    if ctx.numel() == 0:
+            n_rest = P - n_sal
+            top = top_stable(sal, n_sal)  # (T, n_sal) salient tokens of every frame
+            tier = torch.zeros(T, P, device=dev).scatter_(1, top, 4.0)
+            salient = torch.zeros(T, P, dtype=torch.bool, device=dev).scatter_(1, top, True)
+            # The other tokens of each frame, in order (stable sort: False first).
+            rest = torch.sort(salient.to(torch.int8), dim=1, stable=True).indices[:, :n_rest]  # (T, n_rest)
+            if n_ctx > 0 and n_rest > 0:
+                # Anchor frames of every segment (every p-th from its end), their context counts and
+                # the index of their first context token among the merge targets.
+                anchors, per, seg_of, base = [], [], [], []
+                start = 0
+                for L in segments(x, c, tau):
+                    a = [start + j for j in range(L) if (L - 1 - j) % p == 0]
+                    cnt = min(n_ctx * L // len(a), n_rest)
+                    seg_of.append((start, L, len(anchors), len(a), cnt))
+                    base += [n_slots + i * cnt for i in range(len(a))]
+                    n_slots += len(a) * cnt
+                    anchors += a
+                    per += [cnt] * len(a)
+                    start += L
+                anc = torch.tensor(anchors, device=dev)
+                x_rest = x.gather(1, rest[:, :, None].expand(T, n_rest, x.shape[-1]))  # (T, n_rest, D)
+                dscore, _ = dpc_knn(x_rest[anc], k)  # (A, n_rest)
+                ranked = top_stable(dscore, n_rest)  # (A, n_rest) by density
+                ctx = rest[anc].gather(1, ranked)  # positions in the anchor frames
+                width = torch.tensor(per, device=dev)
+                ctx_mask = torch.zeros(len(anchors), P, dtype=torch.bool, device=dev)
+                ctx_mask.scatter_(1, ctx, torch.arange(n_rest, device=dev)[None] < width[:, None])
+                tier[anc] = torch.where(ctx_mask, 4.0, tier[anc])
+                # DTM: each segment's non-salient tokens go to the most similar context token of
+                # each of its anchors.
+                unit = torch.nn.functional.normalize(x_rest, dim=-1)
+                ctx_unit = unit[anc[:, None], ranked]  # (A, n_rest, D)
+                ctx_tok = idx[anc[:, None], ctx]
+                first_slot = torch.tensor(base, device=dev)[:, None]
+                tok = idx.gather(1, rest)
+                for start, L, first, n_anc, cnt in seg_of:
+                    if cnt == 0:
                         continue
-                    tier[a, ctx] = 4.0
-                    cu = torch.nn.functional.normalize(x[a, ctx], dim=-1)
-                    assign = (unit @ cu.T).argmax(-1)
-                    base = len(slots)
-                    slots.extend(idx[a, ctx].unbind(0))
-                    members.append(seg_tok)
-                    owner.append(assign + base)
-                start += L
+                    seg_unit = unit[start : start + L].reshape(L * n_rest, -1)
+                    cu = ctx_unit[first : first + n_anc, :cnt]
+                    # One (N, D) @ (D, cnt) product per anchor, as the official per-anchor loop.
+                    assign = torch.matmul(seg_unit, cu.transpose(1, 2)).argmax(-1)  # (n_anc, N)
+                    slots.append(ctx_tok[first : first + n_anc, :cnt].flatten())
+                    members.append(tok[start : start + L].flatten().repeat(n_anc))
+                    owner.append((assign + first_slot[first : first + n_anc]).flatten())
             score[idx] = tier + sal
         plans.append((score, pack_merges(slots, members, owner, dev)))
     return plans
@@ -114,7 +136,7 @@ class FastVIDScorer(Scorer):
     """Anchor frame every ``p`` frames (from the segment's end)."""
 
     def score(self, view: LayerView):
-        return torch.stack([s for s, _ in fastvid_plan(view, self.c, self.tau, self.d, self.p)])
+        return torch.stack([s for s, _ in shared_plan(fastvid_plan, view, self.c, self.tau, self.d, self.p)])
 
 
 @tokencomp.hookimpl

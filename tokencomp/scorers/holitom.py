@@ -34,8 +34,8 @@ import torch
 
 import tokencomp
 from tokencomp.interfaces import LayerView, Scorer
-from tokencomp.mergers.recycle import cluster_members, dpc_knn, pack_merges, top_stable
-from tokencomp.scorers.dycoke import KEEP, video_frames
+from tokencomp.mergers.recycle import cluster_members, dpc_knn, pack_merges, shared_plan, top_stable
+from tokencomp.scorers.dycoke import KEEP, frame_states, video_index
 
 
 def salience(x: torch.Tensor) -> torch.Tensor:
@@ -49,21 +49,28 @@ def squash(v: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(v.float())
 
 
-def static_windows(sim: torch.Tensor, tau: float, max_window: int) -> tuple[list[tuple[int, int]], float]:
-    """HoliTom's windows ``[(start, end)]`` (inclusive) and the tokens they save."""
-    T = sim.shape[0] + 1
-    above = (sim > tau).float()
-    count = torch.zeros(T, T, device=sim.device)
-    for s in range(T - 1):
-        run = torch.cumprod(above[s:], dim=0).sum(-1)  # static positions over s..s+1+j
-        count[s, s + 1 :] = run * torch.arange(1, T - s, device=sim.device)
-    count = count.tolist()
-    dp, prev = [0.0] * T, [0] * T
+def run_lengths(above: torch.Tensor) -> torch.Tensor:
+    """``(T−1, P)`` long: for each transition ``t`` and position ``l``, how many consecutive transitions
+    from ``t`` on have ``above`` (``above[t…t+n−1, l]`` all True for ``n ≤ run``)."""
+    n = above.shape[0]
+    t = torch.arange(n, device=above.device)[:, None]
+    first_below = torch.where(above, n, t).flip(0).cummin(0).values.flip(0)
+    return first_below - t
+
+
+def _windows(runs: torch.Tensor, max_window: int) -> tuple[list[tuple[int, int]], float]:
+    """HoliTom's dynamic programming over frames, from :func:`run_lengths` (one host sync)."""
+    n, P = runs.shape
+    T = n + 1
+    # gain[s][w]: positions static over the w transitions after frame s, times w (the frames saved).
+    hist = torch.zeros(n, T, dtype=torch.long, device=runs.device).scatter_add_(1, runs, torch.ones_like(runs))
+    gain = (hist.flip(1).cumsum(1).flip(1) * torch.arange(T, device=runs.device)).tolist()
+    dp, prev = [0] * T, [0] * T
     for i in range(T):
-        best, best_j = (dp[i - 1] if i > 0 else 0.0), i
+        best, best_j = (dp[i - 1] if i > 0 else 0), i
         for w in range(2, min(i + 1, max_window) + 1):
             j = i - w
-            val = (dp[j] if j >= 0 else 0.0) + count[j + 1][i]
+            val = (dp[j] if j >= 0 else 0) + gain[j + 1][w - 1]
             if val > best:
                 best, best_j = val, j + 1
         dp[i], prev[i] = best, best_j
@@ -71,47 +78,66 @@ def static_windows(sim: torch.Tensor, tau: float, max_window: int) -> tuple[list
     while i >= 0:
         out.append((prev[i], i))
         i = prev[i] - 1
-    return out[::-1], dp[-1]
+    return out[::-1], float(dp[-1])
+
+
+def static_windows(sim: torch.Tensor, tau: float, max_window: int) -> tuple[list[tuple[int, int]], float]:
+    """HoliTom's windows ``[(start, end)]`` (inclusive) and the tokens they save, from the ``(T−1, P)``
+    similarities of adjacent frames: ``dp[i] = max(dp[i−1], max_{w ≥ 2} dp[i−w] + gain(i−w+1, i))``
+    (first strict maximum), ``gain`` = positions above ``tau`` on every transition of the window times
+    its transitions. The gains come from run lengths in a few tensor ops; the recurrence runs on host
+    integers (exact, so the same windows as the float loops of the official code)."""
+    return _windows(run_lengths(sim > tau), max_window)
 
 
 def holitom_plan(view: LayerView, tau: float, max_window: int, k: int = 7):
-    """Per sample: ``(scores (S,), merges)`` (see :func:`tokencomp.mergers.recycle.apply_merges`)."""
+    """Per sample: ``(scores (S,), merges)`` (see :func:`tokencomp.mergers.recycle.apply_merges`).
+
+    Batched over the frames of a video: static positions of every window and the dynamic top tokens of
+    every frame at once; the clustering loops over the windows that have static tokens."""
     h = view.hidden
     dev = h.device
     plans = []
-    for b in range(h.shape[0]):
+    for b, videos in enumerate(video_index(view)):
         score = torch.full(view.vision_mask.shape[1:], KEEP, device=dev)
         slots, members, owner = [], [], []
-        for frames in video_frames(view, b):
-            idx = torch.stack(frames)  # (T, P)
+        n_slots = 0
+        for idx in videos:  # (T, P)
             T, P = idx.shape
-            x = h[b, idx].float()
+            x = frame_states(h, b, idx)
             sal = squash(salience(x))
             sim = torch.nn.functional.cosine_similarity(x[:-1], x[1:], dim=-1)
-            windows, saved = static_windows(sim, tau, max_window)
+            runs = run_lengths(sim > tau)
+            windows, saved = _windows(runs, max_window)
             r = min(view.keep / ((T * P - saved) / (T * P)), 1.0) if T * P > saved else 1.0
-            tier = torch.zeros(T, P, device=dev)
-            for s, e in windows:
-                static = (sim[s:e] > tau).all(0) if e > s else torch.zeros(P, dtype=torch.bool, device=dev)
-                dyn = (~static).nonzero().flatten()
-                n_keep = math.ceil(dyn.numel() * r)
-                for t in range(s, e + 1):
-                    top = dyn[top_stable(sal[t, dyn], n_keep)]
-                    tier[t, top] = 4.0
-                pos = static.nonzero().flatten()
-                c = round(pos.numel() * r)
-                if c > 0:
-                    means = x[s : e + 1, pos].mean(0)
-                    cscore, dist = dpc_knn(means, min(k, c))
-                    centres = top_stable(cscore, c)
-                    assign = cluster_members(dist, centres)
-                    tier[s, pos[centres]] = 4.0 + squash(cscore[centres]) - sal[s, pos[centres]]
-                    for j in range(c):
-                        mem = pos[assign == j]
-                        toks = idx[s : e + 1][:, mem].flatten()
-                        slots.append(idx[s, pos[centres[j]]])
-                        members.append(toks)
-                        owner.append(torch.full_like(toks, len(slots) - 1))
+            start = torch.tensor([s for s, _ in windows], device=dev)
+            width = torch.tensor([e - s for s, e in windows], device=dev)
+            # static[w, l]: above tau on every transition of window w (none in a one-frame window).
+            static = (runs[start.clamp(max=T - 2)] >= width[:, None]) & (width > 0)[:, None]
+            n_static = static.sum(1).tolist()
+            frame_window = torch.repeat_interleave(torch.arange(len(windows), device=dev), width + 1, output_size=T)
+            # Each frame keeps its window's ceil(n_dyn · r) dynamic tokens with the highest salience.
+            n_keep = torch.tensor([math.ceil((P - n) * r) for n in n_static], device=dev)[frame_window]
+            order = top_stable(sal.masked_fill(static[frame_window], float("-inf")), P)
+            top = torch.arange(P, device=dev)[None] < n_keep[:, None]
+            tier = torch.zeros(T, P, device=dev).scatter_(1, order, top.float() * 4.0)
+            static_first = torch.sort((~static).to(torch.int8), dim=1, stable=True).indices  # in order
+            for w, (s, e) in enumerate(windows):
+                c = round(n_static[w] * r)
+                if c <= 0:
+                    continue
+                pos = static_first[w, : n_static[w]]
+                means = x[s : e + 1, pos].mean(0)
+                cscore, dist = dpc_knn(means, min(k, c))
+                centres = top_stable(cscore, c)
+                assign = cluster_members(dist, centres)
+                cpos = pos[centres]
+                tier[s, cpos] = 4.0 + squash(cscore[centres]) - sal[s, cpos]
+                # Cluster j's members: its positions' tokens in every frame of the window.
+                slots.append(idx[s, cpos])
+                members.append(idx[s : e + 1][:, pos].flatten())
+                owner.append((assign + n_slots).repeat(e - s + 1))
+                n_slots += c
             score[idx] = tier + sal
         plans.append((score, pack_merges(slots, members, owner, dev)))
     return plans
@@ -129,7 +155,7 @@ class HoliTomScorer(Scorer):
     """Longest window (``MAX_WINDOW_SIZE``)."""
 
     def score(self, view: LayerView):
-        return torch.stack([s for s, _ in holitom_plan(view, self.tau, self.max_window)])
+        return torch.stack([s for s, _ in shared_plan(holitom_plan, view, self.tau, self.max_window)])
 
 
 @tokencomp.hookimpl

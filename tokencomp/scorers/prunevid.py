@@ -37,76 +37,84 @@ import torch
 
 import tokencomp
 from tokencomp.interfaces import LayerView, Scorer
-from tokencomp.mergers.recycle import cluster_members, dpc_knn, pack_merges, top_stable
-from tokencomp.scorers.dycoke import KEEP, video_frames
+from tokencomp.mergers.recycle import cluster_members, dpc_knn, pack_merges, shared_plan, top_stable
+from tokencomp.scorers.dycoke import KEEP, frame_states, video_index
 
 
 def temporal_windows(x: torch.Tensor, ratio: float, k: int = 7) -> list[tuple[int, int]]:
-    """Runs ``(start, end)`` (inclusive) of frames in the same DPC-kNN temporal cluster."""
+    """Runs ``(start, end)`` (inclusive) of frames in the same DPC-kNN temporal cluster (one host sync)."""
     T = x.shape[0]
     c = max(1, int(T * ratio))
     score, dist = dpc_knn(x.mean(1), k)
-    labels = cluster_members(dist, top_stable(score, c)).tolist()
-    out, s = [], 0
-    for t in range(1, T + 1):
-        if t == T or labels[t] != labels[t - 1]:
-            out.append((s, t - 1))
-            s = t
-    return out
+    labels = cluster_members(dist, top_stable(score, c))
+    ends = [t for t, v in enumerate((labels[1:] != labels[:-1]).tolist()) if v] + [T - 1]
+    return [(a + 1, e) for a, e in zip([-1] + ends[:-1], ends)]
 
 
 def _clusters(feat: torch.Tensor, ratio: float, k: int, threshold: int):
-    """``(centres, assign, centre scores)`` of PruneVid's clustering of ``feat`` (n, D)."""
-    n = feat.shape[0]
+    """``(centres, assign, centre scores)`` of PruneVid's clustering of ``feat`` (n, D), or of each set
+    of a batch (..., n, D). ``assign`` is None when no cluster is made (``int(n · ratio) = 0``)."""
+    n = feat.shape[-2]
     if n <= threshold:
-        ar = torch.arange(n, device=feat.device)
-        return ar, ar, torch.ones(n, device=feat.device)
+        ar = torch.arange(n, device=feat.device).expand(feat.shape[:-1])
+        return ar, ar, torch.ones(feat.shape[:-1], device=feat.device)
     c = int(n * ratio)
     score, dist = dpc_knn(feat, k)
     centres = top_stable(score, c)
-    return centres, cluster_members(dist, centres), score[centres]
+    if c == 0:
+        return centres, None, score[..., :0]
+    return centres, cluster_members(dist, centres), score.gather(-1, centres)
 
 
 def prunevid_plan(view: LayerView, tau: float, temporal_ratio: float, cluster_ratio: float, k: int = 7, threshold: int = 14):
-    """Per sample: ``(scores (S,), merges)`` (see :func:`tokencomp.mergers.recycle.apply_merges`)."""
+    """Per sample: ``(scores (S,), merges)`` (see :func:`tokencomp.mergers.recycle.apply_merges`).
+
+    Static positions of every window at once; the clustering loops over the windows, all frames of a
+    window clustered together."""
     h = view.hidden
     dev = h.device
     plans = []
-    for b in range(h.shape[0]):
+    for b, videos in enumerate(video_index(view)):
         score = torch.full(view.vision_mask.shape[1:], KEEP, device=dev)
         slots, members, owner = [], [], []
-
-        def add(centre_tok, toks, assign, n_centres):
-            base = len(slots)
-            slots.extend(centre_tok.unbind(0))
-            members.append(toks)
-            owner.append(assign + base)
-
-        for frames in video_frames(view, b):
-            idx = torch.stack(frames)
+        n_slots = 0
+        for idx in videos:
             T, P = idx.shape
-            x = h[b, idx].float()
+            x = frame_states(h, b, idx)
             unit = torch.nn.functional.normalize(x, dim=-1)
             tier = torch.zeros(T, P, device=dev)
-            for s, e in temporal_windows(x, temporal_ratio, k):
-                W = e - s + 1
-                if W > 1:
-                    u = unit[s : e + 1]  # (W, P, D)
-                    pair = torch.einsum("wpd,tpd->p", u, u)
-                    static = (pair - W) / (W * (W - 1)) > tau
-                else:
-                    static = torch.zeros(P, dtype=torch.bool, device=dev)
-                pos = static.nonzero().flatten()
-                if pos.numel():
+            windows = temporal_windows(x, temporal_ratio, k)
+            # s_l = (Σ_{w,t} cos(X[w,l], X[t,l]) − W) / (W(W−1)), Σ_{w,t} = |Σ_w unit|² (as einsum computes it).
+            sums = torch.stack([unit[s : e + 1].sum(0) for s, e in windows])  # (n_windows, P, D)
+            pair = torch.bmm(sums.view(-1, 1, sums.shape[-1]), sums.view(-1, sums.shape[-1], 1)).view(len(windows), P)
+            W = torch.tensor([e - s + 1 for s, e in windows], device=dev, dtype=pair.dtype)[:, None]
+            static = ((pair - W) / (W * (W - 1)) > tau) & (W > 1)
+            n_static = static.sum(1).tolist()
+            # Per window: static positions, then dynamic ones, each in order (stable sort).
+            order = torch.sort((~static).to(torch.int8), dim=1, stable=True).indices
+            for w, (s, e) in enumerate(windows):
+                n_win = e - s + 1
+                pos, dyn = order[w, : n_static[w]], order[w, n_static[w] :]
+                if n_static[w]:
+                    # Static positions: their mean over the window, clustered; a cluster's members are
+                    # its positions' tokens in every frame.
                     centres, assign, cs = _clusters(x[s : e + 1, pos].mean(0), cluster_ratio, k, threshold)
                     tier[s, pos[centres]] = 4.0 + torch.sigmoid(cs)
-                    toks = idx[s : e + 1][:, pos]  # (W, n): every frame's token at each static position
-                    add(idx[s, pos[centres]], toks.flatten(), assign.repeat(W), len(centres))
-                dyn = (~static).nonzero().flatten()
-                for t in range(s, e + 1):
-                    centres, assign, cs = _clusters(x[t, dyn], cluster_ratio, k, threshold)
-                    tier[t, dyn[centres]] = 4.0 + torch.sigmoid(cs)
-                    add(idx[t, dyn[centres]], idx[t, dyn], assign, len(centres))
+                    if assign is not None:
+                        slots.append(idx[s, pos[centres]])
+                        members.append(idx[s : e + 1][:, pos].flatten())
+                        owner.append((assign + n_slots).repeat(n_win))
+                        n_slots += centres.numel()
+                # Dynamic positions: each frame's tokens clustered on their own, all frames at once.
+                centres, assign, cs = _clusters(x[s : e + 1][:, dyn], cluster_ratio, k, threshold)  # (W, c)
+                cpos = dyn[centres]
+                tier[s : e + 1].scatter_(1, cpos, 4.0 + torch.sigmoid(cs))
+                if assign is not None:
+                    c = centres.shape[-1]
+                    slots.append(idx[s : e + 1].gather(1, cpos).flatten())
+                    members.append(idx[s : e + 1][:, dyn].flatten())
+                    owner.append((assign + n_slots + c * torch.arange(n_win, device=dev)[:, None]).flatten())
+                    n_slots += n_win * c
             score[idx] = tier
         plans.append((score, pack_merges(slots, members, owner, dev)))
     return plans
@@ -126,7 +134,7 @@ class PruneVidScorer(Scorer):
     """Clusters per token of a static set or a frame's dynamic set (when more than 14)."""
 
     def score(self, view: LayerView):
-        return torch.stack([s for s, _ in prunevid_plan(view, self.tau, self.temporal_ratio, self.cluster_ratio)])
+        return torch.stack([s for s, _ in shared_plan(prunevid_plan, view, self.tau, self.temporal_ratio, self.cluster_ratio)])
 
 
 @dataclass(frozen=True)
