@@ -105,7 +105,9 @@ def prunevid_plan(view: LayerView, tau: float, temporal_ratio: float, cluster_ra
                         members.append(idx[s : e + 1][:, pos].flatten())
                         owner.append((assign + n_slots).repeat(n_win))
                         n_slots += centres.numel()
-                # Dynamic positions: each frame's tokens clustered on their own, all frames at once.
+                # Dynamic positions: each frame's tokens clustered on their own, all frames at once
+                # (the same clusters as frame by frame; a centre's sigmoid score may differ in the last
+                # bit, as CPU kernels round a vector's tail elements differently).
                 centres, assign, cs = _clusters(x[s : e + 1][:, dyn], cluster_ratio, k, threshold)  # (W, c)
                 cpos = dyn[centres]
                 tier[s : e + 1].scatter_(1, cpos, 4.0 + torch.sigmoid(cs))
