@@ -100,10 +100,29 @@ def test_signals_keep_the_vision_tower_on_its_kernel():
     assert tower_hooks() == before
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
-def test_a_family_without_the_signal_is_refused_at_apply(family):
-    with pytest.raises(UnsupportedModelError, match=r"'cls_attention' needs the vision-tower signal cls_attention"):
-        tokencomp.apply(tiny(family), VISIONZIP)
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_families_compute_the_no_cls_variant(family):
+    """Qwen towers have no [CLS]: their adapter computes the attention each patch receives instead
+    (checked against the model's own eager attention in test_qwen_signals.py), so apply accepts it."""
+    model = tiny(family)
+    rec = {"schedule": {"stages": [{"phase": "input", "keep": 0.25, "scorer": "cls_attention", "merge": {"name": "contextual", "tokens": 2}}]}}
+    with torch.no_grad(), tokencomp.apply(model, rec) as h:
+        assert h.adapter.signal_names(model) == ("cls_attention",)
+        model(**make_inputs(model, batch=2))
+        assert [row[0] for row in h.stats.vision_tokens_per_layer] == [8, 8]  # int(32 * 0.25)
+
+
+def test_a_family_without_the_signal_is_refused_at_apply():
+    class Unknown(tokencomp.Scorer):
+        name = "needs_unknown_signal"
+        signals = ("unknown_signal",)
+
+        def score(self, view):
+            return view.hidden[..., 0]
+
+    recipe = tokencomp.Recipe.of(scorer=Unknown(), stages=[tokencomp.Stage(layer=0, keep=0.5)])
+    with pytest.raises(UnsupportedModelError, match=r"'needs_unknown_signal' needs the vision-tower signal unknown_signal"):
+        tokencomp.apply(tiny("qwen2_vl"), recipe)
 
 
 def test_inputs_embeds_without_the_tower_is_a_clear_error():

@@ -298,7 +298,10 @@ class ModelAdapter(_Plugin):
         """Vision-tower signals this adapter can compute for ``model`` (default: none). Known names:
 
         * ``cls_attention``: head-averaged attention of the encoder's [CLS] query to each patch, at the
-          layer whose output the projector reads, one value per LLM vision token."""
+          layer whose output the projector reads, one value per LLM vision token. Towers without a
+          [CLS] token (Qwen-VL) give the no-[CLS] variant: the attention each patch *receives* at the
+          last block, averaged over heads and over the queries of its attention segment (image, frame
+          or window), summed over the patches merged into one LLM token."""
         return ()
 
     def install_signals(self, model, names: Sequence[str], emit: Callable[..., None]) -> list:

@@ -8,23 +8,51 @@ were dropped, the mask and the feature rows must be restricted to the kept token
 
 Token layout (heatmaps): every image and every temporal step of a video is one grid of
 ``h / merge`` x ``w / merge`` tokens (from ``image_grid_thw`` / ``video_grid_thw``) over the whole picture.
+
+Vision-tower signal ``cls_attention``, the no-[CLS] variant (VisionZip's and VisPruner's choice for
+SigLIP towers): Qwen towers have no [CLS] token, so a patch's value is the attention it *receives* at
+the last vision block (the one whose output the merger reads), averaged over heads and over the
+queries that attend to it. Those are the queries of its own attention segment, exactly as the block
+attends (its ``cu_seqlens``): an image, or one temporal step of a video; a window where that block is
+windowed (Qwen2.5-VL's released checkpoints end on a full-attention block). Each segment's patch values
+therefore sum to 1, and in a prompt with images of different sizes the smaller image's patches get
+larger values. The ``merge x merge`` patches the merger folds into one LLM token are *summed* (the
+attention mass that token receives; a mean would scale everything by ``1 / merge**2``, same order), and
+Qwen2.5-VL's window reordering of the patches is undone, so the values follow the features into the
+prompt (images and videos interleaved as the prompt has them). Computed in float32 from the block's
+own ``qkv`` output and rotary function, blockwise over equal-length segments and query chunks (at
+most :data:`CHUNK_ELEMENTS` scores at once, or one query row), never through eager attention or ``output_attentions``.
+LightCompress's Qwen2.5-VL VisPruner *sums* over the queries and averages the 4 patches: the same
+order within one image or frame, a different one across images of different sizes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+import threading
+from collections import defaultdict
 
 import torch
 
 import tokencomp
+from tokencomp.errors import UnsupportedModelError, copy_refused
 from tokencomp.heatmap import Region
 from tokencomp.interfaces import ModelAdapter
 from tokencomp.masks import gather_seq, token_runs
 
+_SIGNAL_ATTR = "_tokencomp_qwen_cls_attention"
+"""Attribute of a vision tower's output holding ``(pooled features, per-token signal)``: ``generate``
+encodes images before the prefill and hands those output objects back as ``mm_encoder_outputs``."""
+
+CHUNK_ELEMENTS = 1 << 24
+"""Attention scores materialised at once (float32) when computing ``cls_attention``: 64 MiB."""
+
 
 @dataclasses.dataclass(frozen=True)
 class QwenVLAdapter(ModelAdapter):
-    """Qwen2-VL and Qwen2.5-VL."""
+    """Qwen2-VL and Qwen2.5-VL. Signal ``cls_attention``: attention received per patch at the last
+    vision block (no [CLS]), see the module docstring."""
 
     name = "qwen2_vl"
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
@@ -80,6 +108,14 @@ class QwenVLAdapter(ModelAdapter):
                     out[b, pos:end] = g
                     g += 1
         return out
+
+    def signal_names(self, model):
+        tower = _tower(model)
+        blocks = getattr(tower, "blocks", None)
+        return ("cls_attention",) if blocks and hasattr(getattr(blocks[-1], "attn", None), "qkv") else ()
+
+    def install_signals(self, model, names, emit):
+        return _ReceivedAttention(model, self, emit).handles
 
     def token_layout(self, model, inputs, sample=0, *, processor=None, image_sizes=None):
         # Whole images / frames: no box needed. Grids are listed sample after sample.
@@ -141,6 +177,195 @@ class Qwen3VLAdapter(QwenVLAdapter):
                 del decoder._deepstack_process
 
         return undo
+
+
+def _tower(model):
+    return getattr(getattr(model, "model", model), "visual", None)
+
+
+def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens, scale: float, budget: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """``(N,)`` float32: the softmax attention each of the ``N`` rows receives from the queries of its
+    segment (``cu_seqlens``: segment boundaries, attention never crosses them), averaged over the ``H``
+    heads and over those queries. ``q``, ``k``: ``(N, H, d)`` after the rotary embedding.
+
+    Segments of equal length are batched; queries go in chunks so that at most ``budget`` scores
+    exist at once (one segment's full ``n x n`` matrix never does when it is larger)."""
+    N, H, _ = q.shape
+    out = torch.zeros(N, dtype=torch.float32, device=q.device)
+    bounds = [int(b) for b in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens)]
+    starts = defaultdict(list)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            starts[b - a].append(a)
+    for n, first in starts.items():
+        rows = torch.tensor(first, device=q.device)[:, None] + torch.arange(n, device=q.device)  # (G, n)
+        qs = q[rows].transpose(1, 2).float()  # (G, H, n, d)
+        ks = k[rows].transpose(1, 2).float()
+        per_query = max(1, budget // (H * n))  # (segment, query) pairs whose scores fit the budget
+        seg_step, q_step = (max(1, per_query // n), n) if per_query >= n else (1, per_query)
+        acc = torch.zeros(rows.shape, dtype=torch.float32, device=q.device)
+        for g in range(0, len(first), seg_step):
+            kt = ks[g : g + seg_step].transpose(-1, -2)
+            for c in range(0, n, q_step):
+                p = torch.softmax((qs[g : g + seg_step, :, c : c + q_step] @ kt) * scale, dim=-1)
+                acc[g : g + seg_step] += p.sum(dim=(1, 2))
+        out[rows.reshape(-1)] = (acc / (H * n)).reshape(-1)
+    return out
+
+
+class _ReceivedAttention:
+    """The hooks computing ``cls_attention`` on a Qwen vision tower (see the module docstring) and
+    handing it to the engine in prompt order.
+
+    One tower call encodes all images (or all videos) of a forward: its last block's attention gives
+    per-patch values (hooks on that block's attention and ``qkv``), the tower's output hook folds them
+    into per-token values in feature order and stores them on the output object. The base model's
+    forward then emits one value per vision token, images and videos interleaved as the prompt has
+    them; outputs that ``generate`` encoded beforehand (``mm_encoder_outputs``, possibly expanded for
+    beams) are read back from their stored values."""
+
+    def __init__(self, model, adapter, emit):
+        base = getattr(model, "model", model)
+        tower = base.visual
+        attn = tower.blocks[-1].attn
+        rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision", None)
+        if rotary is None:
+            raise UnsupportedModelError(f"cls_attention: no apply_rotary_pos_emb_vision next to {type(attn).__name__}")
+        # Qwen2.5-VL runs its blocks on patches reordered window by window; the merger's output is
+        # put back in raster order with the inverse of that window index.
+        windows = hasattr(tower, "fullatt_block_indexes") and getattr(tower, "window_size", None)
+        window_index = getattr(sys.modules[type(tower).__module__], "get_vision_window_index", None) if windows else None
+        if windows and window_index is None:
+            raise UnsupportedModelError(f"cls_attention: cannot replay the window order of {type(tower).__name__}")
+        self.base, self.tower, self.attn, self.rotary = base, tower, attn, rotary
+        self.window_index, self.emit = window_index, emit
+        self.ids = (adapter.image_token_id, adapter.video_token_id)
+        self.unit = tower.spatial_merge_size**2
+        self.local = threading.local()
+        self.handles = [
+            tower.register_forward_pre_hook(self._tower_start, with_kwargs=True),
+            attn.register_forward_pre_hook(self._attn_start, with_kwargs=True),
+            attn.qkv.register_forward_hook(self._qkv_done),
+            tower.register_forward_hook(self._tower_done),
+            base.register_forward_pre_hook(self._call_start, with_kwargs=True),
+            base.register_forward_hook(self._call_end, always_call=True),
+        ]
+
+    # -------------------------------------------------------------------- one tower call
+
+    def _tower_start(self, module, args, kwargs):
+        order = None
+        if self.window_index is not None:
+            # The window order the tower uses: precomputed by the caller (both kwargs, as the tower
+            # requires), or computed from the grid by the tower's own function.
+            if kwargs.get("window_index") is not None and kwargs.get("cu_window_seqlens") is not None:
+                order = kwargs["window_index"]
+            else:
+                grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+                order, _ = self.window_index(
+                    grid, spatial_merge_size=module.spatial_merge_size, window_size=module.window_size, patch_size=module.patch_size
+                )
+        self.local.run = {"order": order}
+
+    def _attn_start(self, module, args, kwargs):
+        run = getattr(self.local, "run", None)
+        if run is not None:
+            run["cu"] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+            run["rope"] = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+
+    def _qkv_done(self, module, args, out):
+        run = getattr(self.local, "run", None)
+        if run is None or run.get("cu") is None or run.get("rope") is None:
+            return
+        n = out.shape[0]
+        q, k, _ = out.reshape(n, 3, self.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = run["rope"]
+        q, k = self.rotary(q, k, cos, sin)  # the block's own rotary, same dtypes as the block
+        run["patches"] = received_attention(q, k, run["cu"], self.attn.scaling)
+
+    def _tower_done(self, module, args, out):
+        run = getattr(self.local, "run", None)
+        self.local.run = None
+        patches = None if run is None else run.get("patches")
+        if patches is None:
+            return
+        tokens = patches.view(-1, self.unit).sum(1)  # the merger folds `unit` consecutive patches
+        if run["order"] is not None:
+            tokens = tokens[torch.argsort(run["order"].to(tokens.device))]
+        pooled = getattr(out, "pooler_output", None)
+        out.__dict__[_SIGNAL_ATTR] = (pooled, tokens)
+        call = getattr(self.local, "call", None)
+        if call is not None and call["pending"]:
+            call["parts"][call["pending"].pop(0)] = tokens
+            if not call["pending"]:
+                self._emit(call)
+
+    # -------------------------------------------------------------------- one model forward
+
+    def _call_start(self, module, args, kwargs):
+        given = kwargs.get("mm_encoder_outputs") or {}
+        parts = {}
+        for kind, encoded in given.items():
+            stored = getattr(encoded, "__dict__", {}).get(_SIGNAL_ATTR)
+            if stored is not None:
+                parts[kind] = _rows_of(encoded.pooler_output, *stored)
+        # The base model encodes images, then videos (its forward's order), when given pixels.
+        pixels = (("image", "pixel_values"), ("video", "pixel_values_videos"))
+        pending = [k for k, px in pixels if kwargs.get(px) is not None and given.get(k) is None]
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        call = {"ids": ids, "embeds": kwargs.get("inputs_embeds"), "parts": parts, "pending": pending}
+        self.local.call = call
+        if parts and not pending:
+            self._emit(call)
+
+    def _call_end(self, module, args, out):
+        self.local.call = None
+
+    def _emit(self, call):
+        parts = call["parts"]
+        if len(parts) == 1:
+            self.emit("cls_attention", next(iter(parts.values())))
+            return
+        # Images and videos in one prompt: the model scatters each kind into its own placeholders;
+        # lay both out in the order of all vision tokens.
+        kinds = self._kinds(call)
+        if kinds is None:
+            return  # the engine reports the missing signal
+        image, video = kinds
+        is_image = image[image | video].to(parts["image"].device)
+        values = torch.empty(is_image.shape[0], dtype=torch.float32, device=is_image.device)
+        values[is_image] = parts["image"]
+        values[~is_image] = parts["video"].to(values.device)
+        self.emit("cls_attention", values)
+
+    def _kinds(self, call):
+        """``(image, video)`` ``(B, L)`` placeholder masks of this forward, from its ids or embeddings."""
+        ids, embeds = call["ids"], call["embeds"]
+        if ids is not None:
+            return ids == self.ids[0], ids == self.ids[1]
+        if embeds is None:
+            return None
+        table = self.base.get_input_embeddings()
+        marks = [(embeds == table(torch.tensor(i, device=embeds.device)).to(embeds.dtype)).all(-1) for i in self.ids]
+        return marks[0], marks[1]
+
+    def __deepcopy__(self, memo):
+        raise copy_refused()  # its hooks sit on the model: a copy would share this handle's state
+
+
+def _rows_of(items, pooled, tokens):
+    """The signal of an encoded output's feature rows ``items`` (a tensor or the per-item split that
+    ``get_image_features`` returns, possibly repeated by ``generate`` for beams): each item is a view
+    of the tower's ``pooled`` output, and its offset there says which signal rows it carries."""
+    if isinstance(items, torch.Tensor) or pooled is None:
+        return tokens
+    out = []
+    for item in items:
+        if item.untyped_storage().data_ptr() != pooled.untyped_storage().data_ptr():
+            return tokens  # not views of the pooled output: assume the original order
+        start = (item.storage_offset() - pooled.storage_offset()) // pooled.stride(0)
+        out.append(tokens[start : start + item.shape[0]])
+    return torch.cat(out) if out else tokens
 
 
 @tokencomp.hookimpl
