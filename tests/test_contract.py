@@ -141,12 +141,25 @@ def test_contract_catches_a_merger_that_is_not_the_identity_at_keep_1():
     assert ("llava", "identity") in _failed(result)
 
 
+@dataclass(frozen=True)
+class NeedsUnknownSignal(Scorer):
+    """Declares a vision-tower signal that no adapter computes: every family refuses it at apply."""
+
+    name = "needs_unknown_signal_test"
+    signals = ("unknown_signal",)
+
+    def score(self, view):
+        return view.signals["unknown_signal"]
+
+
 def test_families_the_adapter_refuses_are_skipped_and_said_so():
-    cls = registry().get("scorer", "cls_attention")
-    result = contract.check_scorer(cls(), families=["llava", "qwen2_vl"])
-    assert result.checked_families == ["llava"]
-    assert "cls_attention" in result.skipped["qwen2_vl"]
-    assert any("qwen2_vl skipped" in n for n in result.notes)
+    result = contract.check_scorer(NeedsUnknownSignal(), families=["llava", "qwen2_vl"])
+    assert result.checked_families == []
+    assert set(result.skipped) == {"llava", "qwen2_vl"}
+    assert all("unknown_signal" in why for why in result.skipped.values())
+    assert any("qwen2_vl skipped" in n for n in result.notes) and any("llava skipped" in n for n in result.notes)
+    assert "no family could run this plugin" in result.notes
+    assert not any(o.status == "failed" for o in result.outcomes)
 
 
 def test_the_callers_plugin_object_is_not_touched():

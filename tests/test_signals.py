@@ -135,6 +135,27 @@ def test_inputs_embeds_without_the_tower_is_a_clear_error():
             model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
 
 
+def signal_seen(model, inputs, call=None):
+    """The ``(B, L)`` ``cls_attention`` values an input-stage scorer sees in ``model(**inputs)`` (or in
+    ``call(handle)``)."""
+    from tokencomp.scorers.cls_attention import ClsAttentionScorer
+
+    seen = []
+    original = ClsAttentionScorer.score
+
+    def spy(self, view):
+        seen.append(view.signals["cls_attention"].clone())
+        return original(self, view)
+
+    ClsAttentionScorer.score = spy
+    try:
+        with torch.no_grad(), tokencomp.apply(model, {"schedule": {"stages": [{"phase": "input", "keep": 0.25, "scorer": "cls_attention"}]}}) as h:
+            (call or (lambda h: model(**inputs)))(h)
+    finally:
+        ClsAttentionScorer.score = original
+    return seen[0]
+
+
 def deep_anyres(family, attn="sdpa"):
     cfg = tiny_config(family, attn=attn)
     cfg.vision_config.num_hidden_layers = 3
@@ -157,23 +178,8 @@ def test_anyres_signal_goes_through_the_models_own_packing(family):
         out = eager.model.vision_tower(pixels, output_attentions=True)
     first = 1 if model.config.vision_feature_select_strategy == "default" else 0  # "full" keeps token 0 as a patch
     rows = out.attentions[len(out.attentions) + model.config.vision_feature_layer][:, :, 0, first:].mean(1)  # (tiles, P)
-    seen = {}
-    from tokencomp.scorers.cls_attention import ClsAttentionScorer
-
-    original = ClsAttentionScorer.score
-
-    def spy(self, view):
-        seen["signal"] = view.signals["cls_attention"].clone()
-        return original(self, view)
-
-    ClsAttentionScorer.score = spy
-    try:
-        with torch.no_grad(), tokencomp.apply(model, {"schedule": {"stages": [{"phase": "input", "keep": 0.25, "scorer": "cls_attention"}]}}):
-            model(**inputs)
-    finally:
-        ClsAttentionScorer.score = original
     vision = inputs["input_ids"][0] == model.config.image_token_id
-    signal = seen["signal"][0][vision]
+    signal = signal_seen(model, inputs)[0][vision]
     P = rows.shape[1]
     assert torch.allclose(signal[:P], rows[0], atol=1e-6)  # the base view, in order
     grid = signal[P:]
@@ -188,3 +194,54 @@ def test_visionzip_on_next_batch_equals_single():
     with torch.no_grad(), tokencomp.apply(model, VISIONZIP):
         batched = model.generate(**inputs, **gen_kwargs(model))
         assert_rows_match_solo(model, inputs, batched, scores=False)
+
+
+def test_onevision_video_signal_is_each_frames_row_pooled_like_its_features():
+    """OneVision video: each frame's first-token row (SigLIP: no [CLS]) at the projector's layer,
+    2x2-averaged like the model pools the frame features, the closing newline 0; placed after the
+    image in the same prompt, on the video's own placeholders."""
+    model = deep_anyres("llava_onevision")
+    inputs = make_inputs(model, batch=2, video=True, n_images=1)
+    eager = deep_anyres("llava_onevision", "eager")
+    eager.load_state_dict(model.state_dict())
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    assert side % 2 == 0  # bilinear halving is then exactly the 2x2 mean
+    signal = signal_seen(model, inputs)
+    video = inputs["input_ids"] == model.config.video_token_id
+    image = inputs["input_ids"] == model.config.image_token_id
+    assert image.any(1).all() and (signal[image] > 0).any()  # the image part is there too
+    for b in range(2):
+        with torch.no_grad():
+            out = eager.model.vision_tower(inputs["pixel_values_videos"][b], output_attentions=True)
+        layer = len(out.attentions) + model.config.vision_feature_layer
+        rows = out.attentions[layer][:, :, 0, :].mean(1)  # (frames, side * side): "full" keeps token 0
+        pooled = torch.nn.functional.avg_pool2d(rows.view(-1, 1, side, side), 2).flatten()
+        expected = torch.cat([pooled, torch.zeros(1)])
+        assert torch.allclose(signal[b][video[b]], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_token_layout_while_the_signal_wraps_the_packing(family):
+    """The layout replays the model's packing, reading its parameters from its signature: the same
+    regions while the signal's wrapper sits on ``pack_image_features``."""
+    model = deep_anyres(family)
+    inputs = make_inputs(model, image_sizes=[(112, 336)])
+    with tokencomp.apply(model, VISIONZIP) as h:
+        applied = h.adapter.token_layout(model, inputs)
+    plain = h.adapter.token_layout(model, inputs)
+    assert len(plain) == 2
+    assert [(r.view, r.positions.tolist()) for r in applied] == [(r.view, r.positions.tolist()) for r in plain]
+
+
+def test_onevision_inputs_embeds_with_pixels_places_image_and_video_from_the_embeddings():
+    model = deep_anyres("llava_onevision")
+    inputs = make_inputs(model, batch=2, video=True, n_images=1)
+    ids = inputs.pop("input_ids")
+    vision = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
+    embedded = dict(inputs, inputs_embeds=model.get_input_embeddings()(ids))
+
+    def call(handle):
+        with handle.vision_mask(vision):
+            model(**embedded)
+
+    assert torch.equal(signal_seen(model, embedded, call), signal_seen(model, dict(inputs, input_ids=ids)))

@@ -24,8 +24,8 @@ of each family (:mod:`tokencomp.testing`) and asserts the invariants the engine 
   kept + summary tokens); a selector returns a subset of the candidates of exactly its budget.
 
 Families whose adapter refuses the recipe at ``apply`` (:class:`~tokencomp.UnsupportedModelError`,
-e.g. a scorer that needs the ``cls_attention`` signal on a Qwen model) are skipped and reported as
-such. Models are built once per process (:func:`tiny_model`).
+e.g. a scorer that needs a vision-tower signal the family's adapter does not compute) are skipped and
+reported as such. Models are built once per process (:func:`tiny_model`).
 """
 
 from __future__ import annotations

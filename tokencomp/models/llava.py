@@ -6,7 +6,10 @@ Vision-tower signals: ``cls_attention`` from the CLIP / SigLIP layer whose outpu
 (``vision_feature_layer``, −2: the layer VisionZip and FasterVLM read ``attentions[-2]`` of; for a
 tower without [CLS] the first token's row). LLaVA-1.5: each image's patches map 1:1, in order, to its
 placeholder tokens; NeXT / OneVision: the per-tile rows go through the model's own
-``pack_image_features`` (anyres tiles, unpadding, newline rows = 0).
+``pack_image_features`` (anyres tiles, unpadding, newline rows = 0); OneVision videos: each frame's
+rows pooled by the model's own ``apply_pooling`` as the features are (bilinear, to half the side),
+the video's closing newline 0. Values are kept per feature item on the encoder's output, so the items
+``generate`` encodes before the prefill and repeats per beam or returned sequence get theirs back.
 
 Token layout (heatmaps): LLaVA-1.5 images are square grids over the CLIP processor's pad / resize /
 center crop; NeXT / OneVision images are a base view plus an anyres view whose rows end in
@@ -15,6 +18,7 @@ center crop; NeXT / OneVision images are a base view plus an anyres view whose r
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import threading
 from typing import Optional
@@ -71,78 +75,213 @@ class LlavaAdapter(ModelAdapter):
         return ("cls_attention",) if isinstance(model.config.vision_feature_layer, int) else ()
 
     def install_signals(self, model, names, emit):
+        return _ClsAttention(model, self, emit).handles
+
+
+_SIGNAL_ATTR = "_tokencomp_llava_cls_attention"
+"""Attribute of a ``get_image_features`` / ``get_video_features`` output holding ``(items, signals)``:
+its feature items as encoded and each item's per-token signal. ``generate`` encodes before the
+prefill, repeats the items per beam / returned sequence and hands the output back as
+``mm_encoder_outputs``; each item's signal is found again from the item itself."""
+
+
+class _ClsAttention:
+    """The hooks computing ``cls_attention`` on a CLIP / SigLIP tower (see the module docstring) and
+    handing it to the engine in prompt order.
+
+    The chosen layer's q / k projections give each tile's [CLS] row (the tower's output hook keeps
+    them per tile); the wrapped ``get_image_features`` / ``get_video_features`` turn the rows into one
+    signal per feature item (LLaVA-1.5: an image's patches; NeXT / OneVision: the model's own packing;
+    OneVision video: the model's own frame pooling, newline 0) and store them on the output object.
+    Before the language model runs, every forward emits the signal of the items it places, read from
+    the outputs it encoded or was given, so items that ``generate`` repeated for beams get their values
+    repeated too."""
+
+    def __init__(self, model, adapter, emit):
         cfg = model.config
-        tower = model.model.vision_tower
+        base = model.model
+        tower = base.vision_tower
         layers = next(m for n, m in tower.named_modules() if n.endswith("encoder")).layers
         vfl = cfg.vision_feature_layer  # hidden_states[vfl] is the output of layer vfl - 1
-        attn = layers[max(0, len(layers) + vfl if vfl < 0 else vfl - 1)].self_attn
-        strip_cls = cfg.vision_feature_select_strategy == "default"
-        local = threading.local()
-
-        def keep_query(module, args, out):
-            local.q = out[:, :1]  # the [CLS] row only
-
-        def attention_row(module, args, out):
-            q = getattr(local, "q", None)
-            local.q = None
-            if q is None:
-                return
-            N, T, _ = out.shape
-            H, d = attn.num_heads, attn.head_dim
-            qh = q.reshape(N, 1, H, d).transpose(1, 2).float()
-            kh = out.reshape(N, T, H, d).transpose(1, 2).float()
-            row = torch.softmax((qh @ kh.transpose(-1, -2)) * attn.scale, dim=-1).mean(1)[:, 0]  # (N, T)
-            local.row = (row[:, 1:] if strip_cls else row).reshape(-1)
-
-        base = model.model
-        packs = _packs(model)
-
-        def tower_done(module, args, out):
-            row = getattr(local, "row", None)
-            local.row = None
-            if row is None:
-                return
-            if packs is None:
-                emit("cls_attention", row, out)  # LLaVA-1.5: patches map 1:1, in order
-            else:
-                local.pending = (row.view(out.last_hidden_state.shape[0], -1), out)
-
-        handles = [
-            attn.q_proj.register_forward_hook(keep_query),
-            attn.k_proj.register_forward_hook(attention_row),
-            tower.register_forward_hook(tower_done),
+        self.attn = layers[max(0, len(layers) + vfl if vfl < 0 else vfl - 1)].self_attn
+        self.strip_cls = cfg.vision_feature_select_strategy == "default"
+        self.base, self.emit = base, emit
+        self.ids = (adapter.image_token_id, adapter.video_token_id)
+        self.local = threading.local()
+        self.handles = [
+            self.attn.q_proj.register_forward_hook(self._keep_query),
+            self.attn.k_proj.register_forward_hook(self._attention_row),
+            tower.register_forward_hook(self._tower_done),
+            base.register_forward_pre_hook(self._call_start, with_kwargs=True),
+            base.register_forward_hook(self._call_end, always_call=True),
+            base.language_model.register_forward_pre_hook(self._place),
         ]
-        if packs is not None:
-            handles.append(_PackSignals(base, packs, local, emit))
-        return handles
+        self.packs = _packs(model) is not None
+        if self.packs:
+            self.handles.append(_Wrapped(base, "pack_image_features", self._pack))
+        for kind in ("image", "video"):
+            if getattr(base, f"get_{kind}_features", None) is not None:
+                self.handles.append(_Wrapped(base, f"get_{kind}_features", self._encoder(kind)))
 
+    # -------------------------------------------------------------------- one tower call
 
-class _PackSignals:
-    """Runs the model's own ``pack_image_features`` (tiles, unpadding, newline rows, OneVision's
-    downsampling) on the per-patch signal as well, so it lands on the LLM's vision tokens in the
-    model's order (newline rows get 0). Installed as an instance attribute; ``remove()`` deletes it."""
+    def _keep_query(self, module, args, out):
+        self.local.q = out[:, :1]  # the [CLS] row only
 
-    def __init__(self, base, original, local, emit):
-        self.base, self.original, self.local, self.emit = base, original, local, emit
-        base.pack_image_features = self
+    def _attention_row(self, module, args, out):
+        q = getattr(self.local, "q", None)
+        self.local.q = None
+        if q is None:
+            return
+        N, T, _ = out.shape
+        H, d = self.attn.num_heads, self.attn.head_dim
+        qh = q.reshape(N, 1, H, d).transpose(1, 2).float()
+        kh = out.reshape(N, T, H, d).transpose(1, 2).float()
+        row = torch.softmax((qh @ kh.transpose(-1, -2)) * self.attn.scale, dim=-1).mean(1)[:, 0]  # (N, T)
+        self.local.row = row[:, 1:] if self.strip_cls else row
 
-    def __call__(self, image_features, *args, **kwargs):
-        out = self.original(image_features, *args, **kwargs)
-        pending = getattr(self.local, "pending", None)
-        self.local.pending = None
-        if pending is not None:
-            rows, carrier = pending
-            sizes = [f.shape[0] for f in image_features]
-            signal = [r[..., None].to(f.dtype) for r, f in zip(torch.split(rows, sizes), image_features)]
+    def _tower_done(self, module, args, out):
+        self.local.rows = getattr(self.local, "row", None)  # (tiles, patches) of this tower call
+        self.local.row = None
+
+    # -------------------------------------------------------------------- per feature item
+
+    def _pack(self, original, image_features, *args, **kwargs):
+        """Runs the model's own packing on the per-tile rows as well (tiles, unpadding, OneVision's
+        downsampling; newline rows 0), one signal per image in the model's order."""
+        out = original(image_features, *args, **kwargs)
+        rows = getattr(self.local, "rows", None)
+        sizes = [f.shape[0] for f in image_features]
+        if rows is not None and rows.shape[0] == sum(sizes):
+            signal = [r[..., None] for r in torch.split(rows, sizes)]
             kwargs = dict(kwargs, image_newline=torch.zeros(1, dtype=rows.dtype, device=rows.device))
-            packed = self.original(signal, *args, **kwargs)[0]
-            packed = torch.cat(list(packed)) if isinstance(packed, (list, tuple)) else packed
-            self.emit("cls_attention", packed.reshape(-1).float(), carrier)
+            packed = original(signal, *args, **kwargs)[0]
+            self.local.packed = [p.reshape(-1) for p in packed]
         return out
 
+    def _encoder(self, kind):
+        def encode(original, *args, **kwargs):
+            self.local.rows = self.local.packed = None
+            out = original(*args, **kwargs)
+            items = getattr(out, "pooler_output", None)
+            signals = self._item_signals(kind, items)
+            self.local.rows = self.local.packed = None
+            if signals is not None:
+                out.__dict__[_SIGNAL_ATTR] = (list(items), signals)
+                call = getattr(self.local, "call", None)
+                if call is not None:
+                    call["encoded"][kind] = out
+            return out
+
+        return encode
+
+    def _item_signals(self, kind, items):
+        """One float32 signal per feature item of a ``get_*_features`` output, or None."""
+        rows = getattr(self.local, "rows", None)
+        if rows is None or items is None:
+            return None
+        if kind == "video":  # OneVision: (videos, frames * pooled + 1) items, pooled like the features
+            n = len(items)
+            pooled = self.base.apply_pooling(rows[..., None]).reshape(n, -1)
+            signals = list(torch.cat([pooled, pooled.new_zeros(n, 1)], dim=1))
+        else:
+            signals = getattr(self.local, "packed", None) if self.packs else list(rows)
+        if signals is None or len(signals) != len(items) or any(s.shape[0] != i.shape[0] for s, i in zip(signals, items)):
+            return None
+        return signals
+
+    # -------------------------------------------------------------------- one model forward
+
+    def _call_start(self, module, args, kwargs):
+        given = kwargs.get("mm_encoder_outputs") or {}
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.local.call = {"ids": ids, "embeds": kwargs.get("inputs_embeds"), "encoded": dict(given)}
+
+    def _call_end(self, module, args, out):
+        self.local.call = None
+
+    def _place(self, module, args):
+        call = getattr(self.local, "call", None)
+        if call is None:
+            return
+        parts = {kind: v for kind, enc in call["encoded"].items() if enc is not None and (v := _signal_of(enc)) is not None}
+        if not parts:
+            return  # no tower output here: the engine reports the missing signal
+        if len(parts) == 1:
+            self.emit("cls_attention", next(iter(parts.values())))
+            return
+        # Images and a video in one prompt (OneVision): each kind fills its own placeholders.
+        kinds = self._kinds(call)
+        if kinds is None:
+            return
+        image, video = kinds
+        is_image = image[image | video]
+        if int(is_image.sum()) != parts["image"].numel() or int((~is_image).sum()) != parts["video"].numel():
+            return  # the model itself refuses mismatched placeholder counts
+        values = torch.empty(is_image.shape[0], dtype=torch.float32, device=parts["image"].device)
+        is_image = is_image.to(values.device)
+        values[is_image] = parts["image"]
+        values[~is_image] = parts["video"].to(values.device)
+        self.emit("cls_attention", values)
+
+    def _kinds(self, call):
+        """``(image, video)`` ``(B, L)`` placeholder masks of this forward, by the model's own rule (from
+        its ids, or its embeddings equal to the placeholders' rows)."""
+        ids, embeds = call["ids"], call["embeds"]
+        if ids is None and embeds is None:
+            return None
+        image, video = self.base.get_placeholder_mask(ids, inputs_embeds=embeds if embeds is not None else ids.new_empty(0))
+        return image[..., 0], video[..., 0]
+
+    def __deepcopy__(self, memo):
+        raise copy_refused()  # its hooks sit on the model: a copy would share this state
+
+
+def _signal_of(encoded):
+    """The signal of an encoded output's current feature items, one value per token: each item is
+    matched to the item it was encoded as (the same tensor or view; or, where ``generate`` copied the
+    rows of a stacked output, the same values). Unmatched items give the encoded order unchanged."""
+    stored = getattr(encoded, "__dict__", {}).get(_SIGNAL_ATTR)
+    if stored is None:
+        return None
+    originals, signals = stored
+    out = []
+    for item in encoded.pooler_output:  # a list of items, or a tensor's rows
+        j = _index_of(item, originals)
+        if j is None:
+            return torch.cat(signals)
+        out.append(signals[j])
+    return torch.cat(out) if out else torch.cat(signals)
+
+
+def _index_of(item: torch.Tensor, originals: list) -> Optional[int]:
+    """Which of ``originals`` ``item`` is: the same tensor or view first, then equal values."""
+    for j, o in enumerate(originals):
+        if o is item or (o.data_ptr() == item.data_ptr() and o.shape == item.shape and o.stride() == item.stride()):
+            return j
+    for j, o in enumerate(originals):
+        if o.shape == item.shape and o.device == item.device and torch.equal(o, item):
+            return j
+    return None
+
+
+class _Wrapped:
+    """A model method replaced by ``fn(original, *args, **kwargs)`` through an instance attribute with
+    the original's signature (``generate`` picks the encoders' arguments by it); ``remove()`` deletes
+    the attribute, restoring the class method."""
+
+    def __init__(self, owner, name, fn):
+        self.owner, self.name, self.fn = owner, name, fn
+        self.original = getattr(owner, name)
+        self.__signature__ = inspect.signature(self.original)
+        setattr(owner, name, self)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.original, *args, **kwargs)
+
     def remove(self) -> None:
-        if self.base.__dict__.get("pack_image_features") is self:
-            del self.base.pack_image_features
+        if self.owner.__dict__.get(self.name) is self:
+            delattr(self.owner, self.name)
 
     def __deepcopy__(self, memo):
         raise copy_refused()
@@ -296,7 +435,7 @@ def _anyres_layout(model, inputs, sample, runs):
         feats[1 : 1 + nph * npw, :, 1:] = per_tile[: tiles - 1]
     newline = torch.tensor([-1.0, -1.0, -1.0])
     kwargs = {"image_newline": newline}
-    names = inner.pack_image_features.__code__.co_varnames
+    names = inspect.signature(inner.pack_image_features).parameters  # also while a recipe wraps it
     if "vision_feature_select_strategy" in names:
         kwargs["vision_feature_select_strategy"] = cfg.vision_feature_select_strategy
     if "vision_aspect_ratio" in names and getattr(cfg, "vision_aspect_ratio", None):
