@@ -32,7 +32,10 @@ MODES = {  # generate options and how many copies of each sample the prefill hol
     "beams": (dict(do_sample=False, num_beams=2), 2),
     "beams, 2 returned": (dict(do_sample=False, num_beams=2, num_return_sequences=2), 2),
     "sampling, 2 returned": (dict(do_sample=True, num_return_sequences=2), 2),
+    "beam sampling, 2 returned": (dict(do_sample=True, num_beams=2, num_return_sequences=2), 2),
 }
+"""``generate`` repeats its inputs in one place (``_expand_inputs_for_generation``), by
+``max(num_beams, num_return_sequences)``, in every mode; these cover greedy, sampling and beams."""
 
 _models: dict = {}
 
