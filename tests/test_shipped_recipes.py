@@ -161,6 +161,21 @@ def test_paper_settings_have_their_published_schedules():
                 assert stage.merger.name == "contextual" and stage.merger.tokens == contextual
             else:
                 assert stage.merger is None
+    # The same methods on Qwen2-VL / Qwen2.5-VL images: LightCompress's Qwen2.5-VL VisPruner rates
+    # (1 - 0.6667 / 0.7778 / 0.8889, half important), the LLaVA-1.5 ratios for the others (VisionZip:
+    # the contextual share of 30/192, 20/128, 10/64 at 1000 tokens); positions kept (M-RoPE).
+    for model in ("qwen2-vl", "qwen2.5-vl"):
+        for pct, keep, contextual in ((33, 0.3333, 52), (22, 0.2222, 35), (11, 0.1111, 17)):
+            for method in ("visionzip", "fastervlm", "vispruner"):
+                (stage,) = tokencomp.load_recipe(f"{method}/{model}-7b-{pct}").stages(28)
+                assert stage.phase == "input" and stage.scorer.name == "cls_attention"
+                assert stage.keep == keep and not stage.renumber
+                if method == "visionzip":
+                    assert stage.merger.name == "contextual" and stage.merger.tokens == contextual
+                else:
+                    assert stage.merger is None
+                if method == "vispruner":
+                    assert stage.selector.name == "vispruner" and stage.selector.important_ratio == 0.5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,11 +188,13 @@ def family_and_inputs(name: str) -> tuple[str, dict]:
     video = "video" in name
     if "llava-onevision" in name:
         return "llava_onevision", dict(video=video, n_images=0 if video else 1)
-    if "qwen2-vl" in name:
-        if video:
-            # An image and a video: three groups (the image and two temporal frames) for quotas.
-            return "qwen2_vl", dict(video=True, n_images=1, image_sizes=[(112, 224), (224, 224)])
-        return "qwen2_vl", dict(image_sizes=[(112, 224), (224, 224)])  # 32 and 64 vision tokens
+    for slug, family in (("qwen2-vl", "qwen2_vl"), ("qwen2.5-vl", "qwen2_5_vl")):
+        if slug in name:
+            if video:
+                # An image and a video: three groups (the image and two temporal frames) for quotas.
+                return family, dict(video=True, n_images=1, image_sizes=[(112, 224), (224, 224)])
+            return family, dict(image_sizes=[(112, 224), (224, 224)])  # 32 and 64 vision tokens
+    assert "qwen" not in name, f"{name}: no tiny family for it"
     return "llava", {}
 
 
