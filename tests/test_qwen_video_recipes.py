@@ -1,9 +1,9 @@
-"""The Qwen2-VL video recipes of the video methods (DyCoke, FastVID, HoliTom, PruneVid) on tiny Qwen2-VL
-and Qwen2.5-VL models with a longer video than the shared fixtures' (8 temporal frames of 36 tokens):
-each sample keeps exactly the stated counts, every frame is seen as a frame (the methods keep tokens
-in every one of them, where a plain top-k over undetected frames empties the late ones), and a
-padded batch keeps the same tokens as each sample alone. Loading, averages and the short end-to-end
-run on the shared inputs: tests/test_shipped_recipes.py."""
+"""The Qwen2-VL video recipes of the video methods (DyCoke, FastVID, HoliTom, PruneVid) on tiny Qwen2-VL,
+Qwen2.5-VL and Qwen3-VL models with a longer video than the shared fixtures' (8 temporal frames of 36
+tokens; Qwen3-VL writes a timestamp between frames): each sample keeps exactly the stated counts, every
+frame is seen as a frame (the methods keep tokens in every one of them, where a plain top-k over
+undetected frames empties the late ones), and a padded batch keeps the same tokens as each sample
+alone. Loading, averages and the short end-to-end run on the shared inputs: tests/test_shipped_recipes.py."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ RECIPES = [
     for name in tokencomp.shipped_recipes()
     if name.split("/")[0] in ("dycoke", "fastvid", "holitom", "prunevid") and "/qwen2-vl-7b-video" in name
 ]
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 FRAMES, SIZE = 16, (168, 168)  # grid (8, 12, 12): 8 temporal frames of 6 x 6 merged tokens
 _models: dict = {}
 

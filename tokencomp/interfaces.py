@@ -62,6 +62,10 @@ class LayerView:
     signals: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     """Vision-tower signals the scorer declared in ``Scorer.signals``: ``(B, S)`` per name, aligned with
     the current tokens (0 on non-vision tokens)."""
+    videos: Optional[torch.Tensor] = None
+    """``(B, S)`` long: the video each vision token belongs to (its frame is its ``groups`` entry), ``-1``
+    for images and other tokens; from :meth:`ModelAdapter.vision_videos`. ``None`` when the adapter
+    cannot tell: video methods then take runs of contiguous, equal-size frames for videos."""
 
 
 class _Plugin:
@@ -276,6 +280,13 @@ class ModelAdapter(_Plugin):
         starts = vision_mask & ~torch.nn.functional.pad(vision_mask, (1, 0))[:, :-1]
         groups = torch.cumsum(starts.long(), dim=1) - 1
         return torch.where(vision_mask, groups, torch.full_like(groups, -1))
+
+    def vision_videos(self, vision_mask: torch.Tensor, groups: torch.Tensor, call_kwargs: dict[str, Any]) -> Optional[torch.Tensor]:
+        """``(B, S)`` long: the video of every vision token that is part of a video, ``-1`` elsewhere;
+        the video's frames are its tokens' ``groups``. Video methods need it where a processor puts
+        text between a video's frames. Default: ``None`` (not known; videos are then guessed as runs of
+        contiguous, equal-size groups)."""
+        return None
 
     def row_markers(self, model, embeds: torch.Tensor, vision_mask: torch.Tensor) -> Optional[torch.Tensor]:
         """``(B, L)`` bool: vision tokens that only mark the end of a grid row (LLaVA-NeXT's

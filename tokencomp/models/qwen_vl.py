@@ -2,7 +2,9 @@
 
 M-RoPE needs nothing special: the text model folds the three position axes into ``(B, L, d)``
 rotary tables before the layers, and the engine gathers those. Video is split into per-frame
-groups (from ``video_grid_thw``) so quota selectors can budget frames. Qwen3-VL adds *deepstack*:
+groups (from ``video_grid_thw``) so quota selectors can budget frames, and those of one video are
+marked as one (video methods read them even where a timestamp separates frames, as in Qwen3-VL, from
+the video's grid or its encoded features). Qwen3-VL adds *deepstack*:
 after its first decoder layers, vision features are added at ``visual_pos_masks``; once tokens
 were dropped, the mask and the feature rows must be restricted to the kept tokens.
 
@@ -109,6 +111,22 @@ class QwenVLAdapter(ModelAdapter):
                     g += 1
         return out
 
+    def vision_videos(self, vision_mask, groups, call_kwargs):
+        # The video placeholders, in prompt order over the batch, hold each video's features in turn:
+        # t*h*w/merge^2 of its grid, or the rows of its pre-encoded features (generate encodes them
+        # before the prefill and drops the grid). Counting them finds a video even where its frames
+        # are not one run (Qwen3-VL writes a timestamp and vision start / end around every frame).
+        ids = call_kwargs.get("input_ids")
+        if ids is None or self.video_token_id is None:
+            return None
+        sizes = _video_sizes(call_kwargs, self.merge, ids.device)
+        if sizes is None:
+            return None
+        video = vision_mask & (ids == self.video_token_id)
+        rank = (torch.cumsum(video.flatten().long(), 0) - 1).view_as(video)
+        which = torch.searchsorted(torch.cumsum(sizes, 0), rank, right=True)
+        return torch.where(video, which, torch.full_like(which, -1))
+
     def signal_names(self, model):
         tower = _tower(model)
         blocks = getattr(tower, "blocks", None)
@@ -181,6 +199,18 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
 def _tower(model):
     return getattr(getattr(model, "model", model), "visual", None)
+
+
+def _video_sizes(call_kwargs, merge: int, device) -> "torch.Tensor | None":
+    """``(N,)`` long: placeholder tokens of each of the call's videos, from ``video_grid_thw`` or the
+    per-video rows of pre-encoded video features; None when the call carries neither."""
+    grid = call_kwargs.get("video_grid_thw")
+    if grid is not None:
+        return (grid.prod(-1) // merge**2).to(device)
+    items = getattr((call_kwargs.get("mm_encoder_outputs") or {}).get("video"), "pooler_output", None)
+    if items is None or isinstance(items, torch.Tensor):
+        return None  # one tensor for all videos: their boundaries are lost
+    return torch.tensor([len(item) for item in items], dtype=torch.long, device=device)
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens, scale: float, budget: int = CHUNK_ELEMENTS) -> torch.Tensor:

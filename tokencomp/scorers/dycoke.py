@@ -22,9 +22,10 @@ Score tiers (so ``topk`` with the stage budget keeps DyCoke's set when the budge
 and degrades gracefully otherwise): 8 for whole-frame / unmatched / non-video tokens, ``4 + (1 − cos)``
 for kept compared tokens, ``1 − cos`` for the others.
 
-Frames come from ``view.groups``: a *video* is a run of at least two consecutive groups whose tokens
-are contiguous and whose frames have the first frame's size (a last frame one larger: the OneVision
-newline). The stage-2 decode-time KV pruning comes with the engine's ``phase: decode``.
+Frames come from ``view.groups`` (see :func:`video_index`): a *video* is the model adapter's
+(``view.videos``: Qwen3-VL puts a timestamp between frames), or else a run of at least two consecutive
+groups whose tokens are contiguous and whose frames have the first frame's size (a last frame one
+larger: the OneVision newline). The stage-2 decode-time KV pruning comes with the engine's ``phase: decode``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 import tokencomp
+from tokencomp.errors import UnsupportedModelError
 from tokencomp.interfaces import LayerView, Scorer
 
 KEEP, HIGH, LOW = 8.0, 4.0, 0.0
@@ -45,21 +47,34 @@ def video_index(view: LayerView) -> list[list[torch.Tensor]]:
     size ``P`` (a last frame's extra tokens, e.g. OneVision's newline, are left out). Groups that are
     not frames of a video (images) are not listed.
 
-    A video is a run of consecutive groups (among each sample's vision tokens) whose tokens are
-    contiguous and whose frames have the first frame's size, the last one possibly one larger. The
-    runs are found with tensor ops over the whole batch and read back once (three small host syncs
-    whatever the number of frames); only the grouping of the runs loops, on host integers."""
-    nz = view.vision_mask.nonzero()
-    out: list[list[torch.Tensor]] = [[] for _ in range(view.vision_mask.shape[0])]
+    Where the model adapter says which frames form a video (``view.videos``), a video is exactly its
+    groups, the last token of a prompt included (a frame keeps its shape though that token is no
+    candidate); frames that are no longer whole and equal raise
+    :class:`~tokencomp.UnsupportedModelError` (never silently treated as images). Otherwise a video
+    is a run of consecutive groups (among each sample's vision tokens) whose tokens are contiguous and
+    whose frames have the first frame's size, the last one possibly one larger. The runs are found
+    with tensor ops over the whole batch and read back once (three small host syncs whatever the
+    number of frames); only the grouping of the runs loops, on host integers."""
+    explicit = view.videos is not None
+    mask = view.vision_mask
+    if explicit:
+        last = torch.arange(mask.shape[1], device=mask.device)[None] == view.last_index[:, None]
+        mask = (mask | last) & (view.videos >= 0)
+    nz = mask.nonzero()
+    out: list[list[torch.Tensor]] = [[] for _ in range(mask.shape[0])]
     if nz.shape[0] == 0:
         return out
     bi, si = nz[:, 0], nz[:, 1]
     g = view.groups[bi, si]
-    ti = view.token_index[bi, si]
     new = torch.ones_like(bi, dtype=torch.bool)
     new[1:] = (bi[1:] != bi[:-1]) | (g[1:] != g[:-1])
     starts = new.nonzero().flatten()
     ends = torch.cat([starts[1:], starts.new_tensor([bi.shape[0]])])
+    if explicit:
+        # Per run: start (in the flat list of video tokens), end, sample, video, group.
+        runs = torch.stack([starts, ends, bi[starts], view.videos[bi[starts], si[starts]], g[starts]], 1).tolist()
+        return _adapter_videos(runs, si, out)
+    ti = view.token_index[bi, si]
     # Per run: start (in the flat vision list), end, sample, token index of its first and last token.
     runs = torch.stack([starts, ends, bi[starts], ti[starts], ti[ends - 1]], 1).tolist()
     videos: list[tuple[int, list]] = []
@@ -81,6 +96,28 @@ def video_index(view: LayerView) -> list[list[torch.Tensor]]:
         s, P = v[0][0], v[0][1] - v[0][0]
         # Every frame but the last has exactly P tokens: the frames are one slice of the flat list.
         out[b].append(si[s : s + len(v) * P].view(len(v), P))
+    return out
+
+
+def _adapter_videos(runs: list, si: torch.Tensor, out: list) -> list[list[torch.Tensor]]:
+    """:func:`video_index` from the adapter's videos: ``runs`` are ``[start, end, sample, video,
+    group]`` of every frame in sequence order, ``si`` the sequence index of each listed token."""
+    videos: dict[tuple[int, int], list] = {}
+    for run in runs:
+        videos.setdefault((run[2], run[3]), []).append(run)
+    for (b, v), frames in videos.items():
+        if len(frames) < 2:
+            continue  # a one-frame video is a picture to these methods
+        sizes = [e - s for s, e, *_ in frames]
+        groups = [r[4] for r in frames]
+        P = sizes[0]
+        if any(n != P for n in sizes[:-1]) or sizes[-1] not in (P, P + 1) or groups != list(range(groups[0], groups[0] + len(groups))):
+            raise UnsupportedModelError(
+                f"a video method needs whole video frames, but video {v} of sample {b} has frames {groups} of "
+                f"{sizes} live tokens (did an earlier stage drop some? run the video method first)"
+            )
+        s = frames[0][0]
+        out[b].append(si[s : s + len(frames) * P].view(len(frames), P))
     return out
 
 
