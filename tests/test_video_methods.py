@@ -1,9 +1,11 @@
 """Video methods (DyCoke TTM, FastVID, HoliTom, PruneVid) and SparseVLM recycling: the math against
 hand-written loops, the batched code paths against one set / one sample at a time, batch == single,
-exact budgets, keep = 1 identity (recipes: test_shipped_recipes)."""
+exact budgets, keep = 1 identity; frames found from the model adapter where text separates them
+(Qwen3-VL), and a refusal where they are no longer whole (recipes: test_shipped_recipes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -196,45 +198,57 @@ def test_prunevid_static_positions_and_merge():
 # --------------------------------------------------------------------------------------------------
 
 
-def ragged_view(samples, D=12, seed=0, keep=0.3):
+def ragged_view(samples, D=12, seed=0, keep=0.3, adapter=False):
     """A left-padded batch: per sample a list of ``("text", n)``, ``("image", n)`` or
-    ``("video", T, P, newline)``; frames alike but for some positions (so windows and static
-    tokens occur)."""
-    g = torch.Generator().manual_seed(seed)
+    ``("video", T, P, newline[, gap])``; frames alike but for some positions (so windows and static
+    tokens occur), ``gap`` text tokens before every frame but the first (Qwen3-VL's timestamp and
+    vision start / end; their states come from another generator, so the frames' states do not depend
+    on the gaps). ``adapter``: the view carries the videos as a model adapter gives them."""
+    g, gap_g = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     rows = []
     for segs in samples:
-        hs, vis, grp, gid = [], [], [], 0
+        hs, vis, grp, vid, gid, n_vid = [], [], [], [], 0, 0
         for kind, *a in segs:
             if kind == "video":
-                T, P, newline = a
+                T, P, newline, gap = (*a, 0)[:4]
                 base = torch.randn(P, D, generator=g)
                 moving = torch.rand(P, 1, generator=g) < 0.4
                 x = base + 0.05 * torch.randn(T, P, D, generator=g) + moving * torch.randn(T, P, D, generator=g)
-                hs.append(x.reshape(T * P, D))
-                vis += [True] * (T * P)
-                grp += [gid + t for t in range(T) for _ in range(P)]
+                for t in range(T):
+                    if t and gap:
+                        hs.append(torch.randn(gap, D, generator=gap_g))
+                        vis += [False] * gap
+                        grp += [-1] * gap
+                        vid += [-1] * gap
+                    hs.append(x[t])
+                    vis += [True] * P
+                    grp += [gid + t] * P
+                    vid += [n_vid] * P
                 if newline:
                     hs.append(torch.randn(1, D, generator=g))
                     vis.append(True)
                     grp.append(gid + T - 1)
+                    vid.append(n_vid)
                 gid += T
+                n_vid += 1
             else:
                 hs.append(torch.randn(a[0], D, generator=g))
                 vis += [kind == "image"] * a[0]
                 grp += [gid if kind == "image" else -1] * a[0]
+                vid += [-1] * a[0]
                 gid += kind == "image"
-        rows.append((torch.cat(hs), vis, grp))
+        rows.append((torch.cat(hs), vis, grp, vid))
     B, S = len(rows), max(len(r[1]) for r in rows)
     h = torch.zeros(B, S, D)
     vm, valid = torch.zeros(B, S, dtype=torch.bool), torch.zeros(B, S, dtype=torch.bool)
-    groups = torch.full((B, S), -1)
-    for b, (x, v, gr) in enumerate(rows):
+    groups, videos = torch.full((B, S), -1), torch.full((B, S), -1)
+    for b, (x, v, gr, vi) in enumerate(rows):
         n = len(v)
         h[b, S - n :], vm[b, S - n :], valid[b, S - n :] = x, torch.tensor(v), True
-        groups[b, S - n :] = torch.tensor(gr)
+        groups[b, S - n :], videos[b, S - n :] = torch.tensor(gr), torch.tensor(vi)
     ar = torch.arange(S).expand(B, S)
     ti = torch.cumsum(valid.long(), 1) - 1
-    return LayerView(0, h, vm, valid & ~vm, torch.full((B,), S - 1), ar, groups, ti, keep=keep)
+    return LayerView(0, h, vm, valid & ~vm, torch.full((B,), S - 1), ar, groups, ti, keep=keep, videos=videos if adapter else None)
 
 
 RAGGED = [
@@ -251,7 +265,8 @@ def sample_view(view, b):
     S = view.hidden.shape[1] - pad
     ar = torch.arange(S)[None]
     return LayerView(0, row(view.hidden), row(view.vision_mask), row(view.text_mask), torch.tensor([S - 1]), ar,
-                     row(view.groups), row(view.token_index), keep=view.keep), pad
+                     row(view.groups), row(view.token_index), keep=view.keep,
+                     videos=None if view.videos is None else row(view.videos)), pad
 
 
 def test_video_index_layout_of_a_ragged_batch():
@@ -271,6 +286,94 @@ def test_video_index_layout_of_a_ragged_batch():
     assert torch.equal(videos[2][1], torch.arange(start2 + 50, start2 + 65).view(3, 5))
     # video_frames: the same, one tensor per frame.
     assert [[f.tolist() for f in v] for v in video_frames(view, 2)] == [v.tolist() for v in videos[2]]
+
+
+# Qwen3-VL-like: text between a video's frames (its timestamp, vision end / start).
+GAPPED = [
+    [("text", 3), ("image", 7), ("video", 5, 12, False, 3), ("text", 5)],
+    [("text", 6), ("video", 4, 12, True, 2), ("text", 2)],
+    [("text", 4), ("video", 6, 8, False, 3), ("text", 2), ("video", 3, 5, False, 1), ("text", 1), ("video", 1, 6, False), ("text", 2)],
+]
+
+
+def contiguous(samples):
+    """The same samples without the gaps."""
+    return [[seg[:4] if seg[0] == "video" else seg for seg in segs] for segs in samples]
+
+
+def frame_positions(view, b):
+    """Positions of sample ``b``'s video frame tokens, per video and frame, from ``view.videos``
+    (a newline is in its video but no frame of its own: left out, as video_index does)."""
+    out = []
+    for v in view.videos[b].unique().tolist():
+        if v < 0:
+            continue
+        pos = (view.videos[b] == v).nonzero().flatten()
+        frames = [pos[view.groups[b, pos] == g] for g in view.groups[b, pos].unique().tolist()]
+        P = frames[0].numel()
+        if len(frames) > 1:
+            out.append(torch.stack([f[:P] for f in frames]))
+    return out
+
+
+def test_video_index_from_the_adapter_finds_separated_frames():
+    view = ragged_view(GAPPED, adapter=True)
+    videos = video_index(view)
+    assert [[tuple(v.shape) for v in vs] for vs in videos] == [[(5, 12)], [(4, 12)], [(6, 8), (3, 5)]]
+    for b in range(3):
+        assert [v.tolist() for v in videos[b]] == [v.tolist() for v in frame_positions(view, b)]
+    # The contiguity guess sees no video where text separates the frames (sample 2's second video
+    # has gaps of one token: its frames are not contiguous either).
+    guessed = video_index(LayerView(**{**view.__dict__, "videos": None}))
+    assert guessed == [[], [], []]
+    # Without the gaps, the guess and the adapter agree.
+    flat = ragged_view(contiguous(GAPPED), adapter=True)
+    assert [[v.tolist() for v in vs] for vs in video_index(flat)] == [
+        [v.tolist() for v in vs] for vs in video_index(LayerView(**{**flat.__dict__, "videos": None}))
+    ]
+
+
+def test_video_index_from_the_adapter_refuses_partial_frames():
+    view = ragged_view(GAPPED, adapter=True)
+    vm = view.vision_mask.clone()
+    vm[1, (view.videos[1] == 0).nonzero()[20, 0]] = False  # a token of the second frame is gone
+    with pytest.raises(tokencomp.UnsupportedModelError, match="whole video frames"):
+        video_index(LayerView(**{**view.__dict__, "vision_mask": vm}))
+    # A whole frame gone: the frames left are not the video's consecutive frames.
+    second = view.groups[0][view.videos[0] == 0].min() + 1  # sample 0's second frame
+    vm = view.vision_mask.clone()
+    vm[0] &= ~((view.videos[0] == 0) & (view.groups[0] == second))
+    with pytest.raises(tokencomp.UnsupportedModelError, match="whole video frames"):
+        video_index(LayerView(**{**view.__dict__, "vision_mask": vm}))
+    # The prompt's last token (pinned, no candidate) stays part of its frame.
+    last = torch.full_like(view.last_index, -1)
+    last[1] = int((view.videos[1] == 0).nonzero()[-1, 0])
+    vm = view.vision_mask.clone()
+    vm[1, last[1]] = False
+    got = video_index(LayerView(**{**view.__dict__, "vision_mask": vm, "last_index": last}))
+    assert [v.tolist() for v in got[1]] == [v.tolist() for v in video_index(view)[1]]
+
+
+@pytest.mark.parametrize("method", ["dycoke", "fastvid", "holitom", "prunevid"])
+def test_separated_frames_give_the_contiguous_result(method):
+    """The frames of a video separated by text (the adapter's videos) give exactly the scores and
+    merges of the same frames laid out contiguously (the contiguity guess)."""
+    gapped = ragged_view(GAPPED, keep=0.35, seed=2, adapter=True)
+    flat = ragged_view(contiguous(GAPPED), keep=0.35, seed=2)
+    if method == "dycoke":
+        plans = [(x, None) for x in DyCokeScorer().score(gapped)], [(x, None) for x in DyCokeScorer().score(flat)]
+    else:
+        make, params = PLANS[method]
+        plans = make(gapped, *params), make(flat, *params)
+    for b in range(3):
+        # Position in the contiguous view of every vision token of the separated one.
+        where = torch.full((gapped.hidden.shape[1],), -1)
+        where[gapped.vision_mask[b]] = flat.vision_mask[b].nonzero().flatten()
+        (score, merges), (score_flat, merges_flat) = plans[0][b], plans[1][b]
+        assert torch.equal(score[gapped.vision_mask[b]], score_flat[flat.vision_mask[b]])
+        if merges is not None:
+            assert torch.equal(where[merges[0]], merges_flat[0]) and torch.equal(where[merges[1]], merges_flat[1])
+            assert torch.equal(merges[2], merges_flat[2])
 
 
 @pytest.mark.parametrize("T", range(1, 15))
@@ -312,14 +415,18 @@ def test_run_lengths_and_windows_match_loops():
     assert saved == sum(4 * (e - s) for s, e in windows)
 
 
+PLANS = {
+    "fastvid": (fastvid_plan, (3, 0.5, 0.4, 2)),
+    "holitom": (holitom_plan, (0.8, 1024)),
+    "prunevid": (prunevid_plan, (0.5, 0.5, 0.5)),
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "separated"])
 @pytest.mark.parametrize("plan", ["fastvid", "holitom", "prunevid"])
-def test_plans_same_in_a_batch_as_alone(plan):
-    view = ragged_view(RAGGED, keep=0.35, seed=2)
-    make, params = {
-        "fastvid": (fastvid_plan, (3, 0.5, 0.4, 2)),
-        "holitom": (holitom_plan, (0.8, 1024)),
-        "prunevid": (prunevid_plan, (0.5, 0.5, 0.5)),
-    }[plan]
+def test_plans_same_in_a_batch_as_alone(plan, layout):
+    view = ragged_view(RAGGED, keep=0.35, seed=2) if layout == "contiguous" else ragged_view(GAPPED, keep=0.35, seed=2, adapter=True)
+    make, params = PLANS[plan]
     plans = make(view, *params)
     for b in range(3):
         alone, pad = sample_view(view, b)
@@ -389,6 +496,7 @@ METHODS = {
 FAMILIES = {
     "llava_onevision": dict(video=True, n_images=0),
     "qwen2_vl": dict(video=True, n_images=1, image_sizes=[(112, 224), (224, 224)]),
+    "qwen3_vl": dict(video=True, n_images=1, image_sizes=[(112, 224), (224, 224)]),
 }
 _models: dict = {}
 
@@ -453,3 +561,95 @@ def test_keep_one_is_identity(family, method):
         with tokencomp.apply(model, rec(stages)):
             got = model(**inputs).logits
     assert torch.allclose(ref, got, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the video's frames are: the model adapter's word (Qwen3-VL separates frames by timestamps)
+# --------------------------------------------------------------------------------------------------
+
+VIDEO_METHODS = ["dycoke", "fastvid", "holitom", "prunevid"]
+DEFAULT_PLANS = {"fastvid": (fastvid_plan, (8, 0.9, 0.4, 4)), "holitom": (holitom_plan, (0.8, 1024)), "prunevid": (prunevid_plan, (0.8, 0.25, 0.5))}
+
+
+@pytest.fixture
+def seen_videos(monkeypatch):
+    """``(view, video_index(view))`` of every call the video scorers and mergers make."""
+    import tokencomp.scorers.dycoke
+    import tokencomp.scorers.fastvid
+    import tokencomp.scorers.holitom
+    import tokencomp.scorers.prunevid
+
+    seen = []
+
+    def spy(view):
+        out = video_index(view)
+        seen.append((view, out))
+        return out
+
+    for mod in (tokencomp.scorers.dycoke, tokencomp.scorers.fastvid, tokencomp.scorers.holitom, tokencomp.scorers.prunevid):
+        monkeypatch.setattr(mod, "video_index", spy)
+    return seen
+
+
+def grid_frames(inputs, b, model):
+    """``(T, P)`` positions of sample ``b``'s video frames: its placeholders in order, split by its grid."""
+    t, h, w = inputs["video_grid_thw"][b].tolist()
+    return (inputs["input_ids"][b] == model.config.video_token_id).nonzero().flatten().view(t, h * w // 4)
+
+
+@pytest.mark.parametrize("method", VIDEO_METHODS)
+def test_qwen3_video_frames_are_found(method, seen_videos):
+    """Qwen3-VL writes a timestamp and vision start / end between a video's frames: the methods see
+    the video's frames (forward, and generate with pre-encoded features), each frame keeps tokens
+    and merges stay within the video; the contiguity guess alone would have seen no video."""
+    model = tiny("qwen3_vl")
+    # Video only: an image's tokens always rank first and could take the whole budget.
+    inputs = make_inputs(model, batch=2, padding="left", seed=3, video=True, n_images=0)
+    frames = [grid_frames(inputs, b, model) for b in range(2)]
+    assert frames[0].shape == (2, 16) and bool((frames[0][1:, 0] > frames[0][:-1, -1] + 1).all())  # separated
+    # DyCoke keeps frame 0 whole and int(0.3 * 16) = 4 tokens of frame 1: 20 of 32.
+    stages = [{"phase": "input", "keep": 0.625, "scorer": "dycoke"}] if method == "dycoke" else METHODS[method]
+    with torch.no_grad(), tokencomp.apply(model, rec(stages)) as h:
+        model(**inputs)
+        kept = [set(t.tolist()) for t in h.stats.kept_positions[0]]
+        model.generate(**inputs, **gen_kwargs(model))
+    views = [(v, out) for v, out in seen_videos if v.layer == 0]
+    assert len({id(v) for v, _ in views}) == 2  # the forward's input stage and generate's
+    for view, videos in views:
+        assert [[v.tolist() for v in vs] for vs in videos] == [[f.tolist()] for f in frames]
+        assert video_index(dataclasses.replace(view, videos=None)) == [[], []]  # the guess: images only
+        if method in DEFAULT_PLANS:
+            make, params = DEFAULT_PLANS[method]
+            for b, (_, (slots, members, _)) in enumerate(make(view, *params)):
+                assert set(slots.tolist()) | set(members.tolist()) <= set(frames[b].flatten().tolist())
+    for b in range(2):
+        for frame in frames[b]:
+            assert kept[b] & set(frame.tolist()), f"{method}: a frame of sample {b} was emptied"
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_contiguous_videos_as_before(family, seen_videos):
+    """OneVision's adapter leaves videos to the contiguity guess; the Qwen adapter's videos are what
+    the guess finds where frames are contiguous (Qwen2-VL)."""
+    model = tiny(family)
+    inputs = make_inputs(model, batch=2, padding="left", seed=3, **FAMILIES[family])
+    with torch.no_grad(), tokencomp.apply(model, rec(METHODS["dycoke"])):
+        model(**inputs)
+    ((view, videos),) = seen_videos
+    assert (view.videos is None) == (family == "llava_onevision")
+    assert [[tuple(v.shape) for v in vs] for vs in videos] == [[(8, 4)]] * 2 if family == "llava_onevision" else [[(2, 16)]] * 2
+    if view.videos is not None:
+        guessed = video_index(dataclasses.replace(view, videos=None))
+        assert [[v.tolist() for v in vs] for vs in videos] == [[v.tolist() for v in vs] for vs in guessed]
+
+
+def test_video_method_after_a_drop_refuses_on_known_videos():
+    """Once another stage dropped tokens the frames are not whole: where the adapter says which frames
+    form a video, a video method refuses instead of silently treating them as pictures."""
+    model = tiny("qwen3_vl")
+    inputs = make_inputs(model, batch=2, **FAMILIES["qwen3_vl"])
+    stages = [{"layer": 1, "keep": 0.7, "scorer": "fastv"}, {"layer": 3, "keep": 0.5, "scorer": "dycoke"}]
+    with torch.no_grad(), tokencomp.apply(model, rec(stages)):
+        with pytest.raises(tokencomp.UnsupportedModelError, match="whole video frames"):
+            model(**inputs)
+
