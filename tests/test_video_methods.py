@@ -22,7 +22,7 @@ from tokencomp.scorers.dycoke import DyCokeScorer, ttm_passes, ttm_references, v
 from tokencomp.scorers.fastvid import fastvid_plan, segments
 from tokencomp.scorers.holitom import holitom_plan, run_lengths, static_windows
 from tokencomp.scorers.prunevid import prunevid_plan
-from tokencomp.testing import build_tiny, make_inputs, suppress_ids, take_sample
+from tokencomp.testing import build_tiny, make_inputs, suppress_ids, take_sample, vision_token_ids
 
 
 def video_view(T=8, P=6, D=5, prefix=3, suffix=4, seed=0, keep=0.5, attention=None):
@@ -625,6 +625,19 @@ def test_qwen3_video_frames_are_found(method, seen_videos):
     for b in range(2):
         for frame in frames[b]:
             assert kept[b] & set(frame.tolist()), f"{method}: a frame of sample {b} was emptied"
+
+
+def test_qwen3_video_frames_found_for_inputs_embeds(seen_videos):
+    """An inputs_embeds call (vision mask from the caller): the adapter reads the video placeholders
+    from the processor's token types."""
+    model = tiny("qwen3_vl")
+    inputs = make_inputs(model, batch=2, padding="left", seed=3, **FAMILIES["qwen3_vl"])
+    ids = inputs.pop("input_ids")
+    mask = torch.isin(ids, torch.tensor(vision_token_ids(model)))
+    with torch.no_grad(), tokencomp.apply(model, rec(METHODS["dycoke"])) as h, h.vision_mask(mask):
+        model(inputs_embeds=model.get_input_embeddings()(ids), **inputs)
+    ((view, videos),) = seen_videos
+    assert [[v.tolist() for v in vs] for vs in videos] == [[grid_frames(dict(inputs, input_ids=ids), b, model).tolist()] for b in range(2)]
 
 
 @pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])

@@ -116,13 +116,16 @@ class QwenVLAdapter(ModelAdapter):
         # t*h*w/merge^2 of its grid, or the rows of its pre-encoded features (generate encodes them
         # before the prefill and drops the grid). Counting them finds a video even where its frames
         # are not one run (Qwen3-VL writes a timestamp and vision start / end around every frame).
-        ids = call_kwargs.get("input_ids")
-        if ids is None or self.video_token_id is None:
+        ids, types = call_kwargs.get("input_ids"), call_kwargs.get("mm_token_type_ids")
+        if ids is not None and self.video_token_id is not None:
+            video = vision_mask & (ids == self.video_token_id)
+        elif types is not None:
+            video = vision_mask & (types.to(vision_mask.device) == 2)  # inputs_embeds calls: the processor's token types
+        else:
             return None
-        sizes = _video_sizes(call_kwargs, self.merge, ids.device)
+        sizes = _video_sizes(call_kwargs, self.merge, video.device)
         if sizes is None:
             return None
-        video = vision_mask & (ids == self.video_token_id)
         rank = (torch.cumsum(video.flatten().long(), 0) - 1).view_as(video)
         which = torch.searchsorted(torch.cumsum(sizes, 0), rank, right=True)
         return torch.where(video, which, torch.full_like(which, -1))
