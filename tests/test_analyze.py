@@ -221,7 +221,12 @@ def test_accuracy_quick_run(tmp_path):
     assert accuracy.main(["--quick", "--json", str(js), "--markdown", str(md)]) == 0
     res = json.loads(js.read_text())
     assert md.read_text() == accuracy.markdown(res)
-    assert {r["schedule"] for r in res["rows"]} == {"-", "progressive", "one-shot"}
+    assert {r["schedule"] for r in res["rows"]} == {"-", "progressive", "one-shot", "before the LLM"}
+    assert not res["failures"], res["failures"]  # every method, before and inside the LLM, ran
+    before = [r for r in res["rows"] if r["schedule"] == "before the LLM"]
+    assert {r["method"] for r in before} == {label for label, _ in accuracy.BEFORE_LLM}
+    for r in before:  # an input stage keeps its count in every layer: the average is the budget (rounded keep)
+        assert abs(r["measured_tokens"] - r["tokens"]) <= 1.0, r
 
 
 def test_svg_on_request(tmp_path, monkeypatch):

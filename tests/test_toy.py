@@ -1,11 +1,11 @@
 """The shipped toy VLM (tokencomp/toy): it loads like any checkpoint, it sees, and compression shows.
 
-Accuracy thresholds are on 50 held-out questions (test split, seed 0). The shipped checkpoint is
-WEAK (see UNTOUCHED_MIN): it answers 34% of these 50 (36.5% of 200), barely above the blind prior
-(32% / 31%); what it has clearly learned from the image is "where is the <shape> ?" (48% of the 25
-"where" questions among the first 200 held-out ones, 0% with every vision token dropped). The
-negative control therefore uses the "where" questions. Raise the thresholds when a better
-checkpoint ships (issue 13 asks for >= 90%).
+Thresholds are on 50 held-out questions (test split, seed 0). The shipped checkpoint answers 74% of
+them (issue 13's 90% target is not reached yet: see tokencomp/toy/__init__.py), 20% with every
+vision token dropped at layer 1. A keep = 1 recipe answers identically; a deliberately broken engine
+(a wrong kept-index map) visibly loses accuracy against the same recipe run by the real engine
+(measured 0.52 -> 0.20). Renumbering the kept tokens' positions is *not* a usable control on this
+model: its vision features carry their own grid position, and accuracy did not move (0.52 -> 0.52).
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import pytest
 import torch
 
 import tokencomp
+from tokencomp import prefill
 from tokencomp.toy import build, harness, scenes
 
-# Minimum accuracy of the untouched model on the 50 test questions: measured 0.34, minus margin.
-UNTOUCHED_MIN = 0.30
-# "where" questions among the first 200 held-out ones: measured 0.48 untouched, 0.0 blind.
-WHERE_MIN = 0.36
+UNTOUCHED_MIN = 0.66  #: measured 0.74 on the 50 held-out questions, minus a margin
+#: the GENTLE recipe run by a broken engine must lose at least this much accuracy against the real engine
+BROKEN_LOSS = 0.15
+#: one V²Drop stage dropping 10% of the vision tokens at layer 1 (measured 0.52 with the real engine)
+GENTLE = {"schedule": {"stages": [{"layer": 1, "keep": 0.9}]}}
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +97,35 @@ def test_keep_everything_recipe_changes_nothing(loaded, questions, untouched):
 
 def test_dropping_all_vision_tokens_early_loses_accuracy(loaded, questions, untouched):
     model, processor = loaded
-    where = [q for q in scenes.make_questions("test", 200) if q.kind == "where"]
-    seen, _ = harness.evaluate(model, processor, where)
     recipe = tokencomp.load_recipe({"schedule": {"stages": [{"layer": 1, "keep": 0.0}]}})
-    blind, _ = harness.evaluate(model, processor, where, recipe=recipe)
-    assert seen >= WHERE_MIN and blind <= seen - 0.3, (seen, blind)
+    blind, _ = harness.evaluate(model, processor, questions, recipe=recipe)
+    assert blind <= untouched[0] - 0.3, (untouched[0], blind)
     # and the model is restored afterwards
     again, answers = harness.evaluate(model, processor, questions[:10])
     assert answers == untouched[1][:10]
+
+
+def _wrong_map(self, dtype):
+    """Sabotage: the kept-index map is reversed (every kept slot gets the positions and the attention
+    mask row of another token; the hidden states stay where they are)."""
+    right = self.idx
+    self.idx = right.flip(1)
+    try:
+        real(self, dtype)
+    finally:
+        self.idx = right
+
+
+real = prefill.Prefill._regather
+
+
+def test_a_broken_engine_visibly_loses_accuracy(loaded, questions, monkeypatch):
+    model, processor = loaded
+    recipe = tokencomp.load_recipe(GENTLE)
+    good, _ = harness.evaluate(model, processor, questions, recipe=recipe)
+    monkeypatch.setattr(prefill.Prefill, "_regather", _wrong_map)
+    broken, _ = harness.evaluate(model, processor, questions, recipe=recipe)
+    assert broken <= good - BROKEN_LOSS, (good, broken)
 
 
 def test_default_demo_runs_on_the_toy_model(tmp_path, capsys):

@@ -388,8 +388,8 @@ def _demo_toy(args, recipe) -> int:
 
     model, processor = harness.load()
     n_layers = model.config.get_text_config().num_hidden_layers
-    # A "where" question: the kind this (weak) toy model answers from the image; the first one it gets right.
-    candidates = [q for q in scenes.make_questions("test", 40) if q.kind == "where"]
+    # The first held-out question the untouched model answers right (kinds cycle through the list).
+    candidates = scenes.make_questions("test", 40)
     with torch.no_grad():
         enc = harness.encode(processor, candidates)
         first = model(**enc, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
@@ -402,7 +402,7 @@ def _demo_toy(args, recipe) -> int:
     n_vision = int(torch.isin(inputs["input_ids"], vision_ids).sum())
     name = recipe.name or (recipe.source if recipe.source != "<dict>" else f"default ({recipe.scorer.name} scorer, {recipe.schedule.name} schedule)")
     print(f"model: the shipped toy LLaVA ({n_layers} layers, {n_vision} vision tokens; trained on generated shape scenes, "
-          f"weak: see ACCURACY.md); recipe: {name}   (--synthetic: the random-weight LLaVA-1.5 shape)")
+          f"accuracy under compression: ACCURACY.md); recipe: {name}   (--synthetic: the random-weight LLaVA-1.5 shape)")
     print(recipe.describe(n_layers))
     L = inputs["input_ids"].shape[1]
     kw = dict(max_new_tokens=3, do_sample=False)

@@ -1,8 +1,8 @@
 """Procedural visual question answering: coloured shapes on a 3x3 grid, one-word answers.
 
 Everything is deterministic by seed (numpy ``default_rng``). A scene is a ``SIZE x SIZE`` RGB image
-with 2-5 shapes, each in its own cell of a 3x3 grid (jittered, random size), plus grey clutter
-specks. Questions ask about a small part of the image:
+with 2-5 shapes, each in its own cell of a 3x3 grid (jittered, random size; each shape kind
+with its own fill texture, see ``_FILL``), plus grey clutter specks. Questions ask about a small part of the image:
 
 * ``what colour is the <shape> ?``      -> a colour        (the shape is unique in the scene)
 * ``is there a <colour> <shape> ?``      -> yes / no        (balanced)
@@ -107,6 +107,26 @@ def _shape_mask(shape: str, cy: float, cx: float, r: float) -> np.ndarray:
     raise ValueError(shape)
 
 
+# Each shape kind has its own fill texture (brightness 1.0 / 0.5 with a 6 px period aligned to the
+# 6 px vision patches), so that every patch inside an object says which kind it is. Without it the
+# toy vision tower could not learn shapes from silhouettes of 3-4 patches on a CPU budget (measured:
+# ~35% per-patch shape accuracy after 500 steps with plain fills). Hue is preserved.
+_YI, _XI = np.mgrid[0:SIZE, 0:SIZE] % 6 < 3
+
+
+def _fill(on: np.ndarray) -> np.ndarray:
+    return np.where(on, 1.0, 0.5).astype(np.float32)
+
+
+_FILL = {
+    "circle": np.ones((SIZE, SIZE), np.float32),
+    "square": _fill(_YI),
+    "triangle": _fill(_XI),
+    "diamond": _fill(_YI ^ _XI),
+    "cross": _fill(_YI | _XI),
+}
+
+
 def make_scene(seed: int) -> Scene:
     """The scene of `seed` (any non-negative int): 2-5 objects in distinct grid cells."""
     rng = np.random.default_rng(seed)
@@ -134,7 +154,7 @@ def make_scene(seed: int) -> Scene:
         cx = col * CELL + CELL / 2 + float(rng.uniform(-j, j)) * 0.6
         m = _shape_mask(shape, cy, cx, r)
         shade = np.asarray(COLOURS[colour], np.float32) * float(rng.uniform(0.85, 1.0))
-        img[m] = shade
+        img[m] = shade * _FILL[shape][m, None]
         objects.append(Obj(shape, colour, row, col, cy, cx, r))
         masks.append(m)
     return Scene(np.clip(img, 0, 255).astype(np.uint8), objects, masks, seed)
