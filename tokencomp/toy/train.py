@@ -16,6 +16,9 @@ Two phases, reproducible from ``--seed`` (data are generated on the fly from the
    left it in 700 steps); the saved model is a plain ``LlavaForConditionalGeneration`` and nothing
    of the guidance is used at inference.
 
+``--init DIR --data-offset N`` continues the language phase from a saved checkpoint on fresh scenes
+(the shipped one was made that way: see :mod:`tokencomp.toy`).
+
 Saves ``save_pretrained`` model + processor into ``--out`` (fp16 weights by default, small).
 """
 
@@ -202,7 +205,7 @@ def train_language(model, processor, args, log) -> None:
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        input_ids, att, pix, lab, where = make_batch(processor, step * args.batch, args.batch, args.seed)
+        input_ids, att, pix, lab, where = make_batch(processor, args.data_offset + step * args.batch, args.batch, args.seed)
         logits = model(input_ids=input_ids, attention_mask=att, pixel_values=pix).logits
         lm = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten())
         g_loss = guide.loss(where) if guide else torch.zeros(())
@@ -234,6 +237,8 @@ def main(argv=None):
     ap.add_argument("--attention-weight", type=float, default=0.5)
     ap.add_argument("--attention-layers", type=lambda s: [int(x) for x in s.split(",")], default=[2, 3])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None, help="continue the language phase from this saved checkpoint (no vision phase)")
+    ap.add_argument("--data-offset", type=int, default=0, help="first train scene of the language phase (fresh scenes when continuing)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--keep-best", action="store_true", help="save only when the validation accuracy improves")
@@ -247,7 +252,13 @@ def main(argv=None):
     torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)
     processor = build.build_processor()
-    model = build.build_model(processor.tokenizer, seed=args.seed)
+    if args.init:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(args.init, dtype=torch.float32, attn_implementation="sdpa")
+        args.vision_steps = 0  # the checkpoint's vision tower and projector are already trained
+    else:
+        model = build.build_model(processor.tokenizer, seed=args.seed)
     model.train()
     t0 = time.time()
 
