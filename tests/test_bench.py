@@ -48,6 +48,7 @@ def test_schedule_flops_and_kv_bytes():
 SMALL = "llava-1.5-7b:layers=6,hidden=64,heads=4,kv_heads=2,intermediate=128"
 V2DROP = {"scorer": "v2drop", "schedule": {"stages": [{"layer": 2, "keep": 0.5}, {"layer": 4, "keep": 0.0}]}}
 FASTV = {"scorer": "fastv", "schedule": {"stages": [{"layer": 2, "keep": 0.5}]}}
+V2DROP_4 = {"scorer": "v2drop", "schedule": {"stages": [{"layer": 2, "keep": 0.5}]}}
 
 
 def test_bench_output_is_well_formed():
@@ -344,3 +345,49 @@ def test_video_mode_gives_the_recipe_frames(tmp_path, monkeypatch):
     rep = json.loads(out.read_text())
     rep = rep[0] if isinstance(rep, list) else rep
     assert rep["frames"] == 8 and seen and all(g is not None and int(g.max()) == 7 for g in seen)
+
+
+def test_each_round_keeps_the_fastest_of_its_prefills(monkeypatch):
+    """Short prefills are repeated within a round (count chosen from the warm-up) and the fastest
+    run is what the round reports; a negative control with one prefill per round sees the slow runs."""
+    import tokencomp.bench as tb
+
+    clock = {"t": 0.0}
+    durations = iter([5.0, 1.0, 3.0] * 1000)  # scripted prefill times, cycling
+    real_prefill = tb._hf_prefill
+
+    def prefill(s, handle):
+        clock["t"] += next(durations)
+        return real_prefill(s, handle)
+
+    def now():
+        clock["t"] += 1e-3  # everything else takes a millisecond
+        return clock["t"]
+
+    monkeypatch.setattr(tb, "_now", now)
+    monkeypatch.setattr(tb, "_hf_prefill", prefill)
+    monkeypatch.setattr(tb, "INNER_MAX", 3)
+    monkeypatch.setattr(tb, "INNER_TARGET_S", 100.0)  # every variant: the cap, 3 prefills per round
+    model = build_synthetic("llava-1.5-7b:layers=4,hidden=64,heads=4,kv_heads=2,intermediate=128")
+    rep = bench(model, V2DROP_4, vision_tokens=8, text_tokens=2, new_tokens=1, repeat=2, progress=False, limit=False)
+    for name in ("untouched", "hooks", "recipe"):
+        v = rep["variants"][name]
+        assert v["prefills_per_round"] == 3, name
+        assert v["prefill_s"]["max"] < 1.1, name  # each round saw 5, 1 and 3 (in some order): kept 1
+
+    monkeypatch.setattr(tb, "INNER_TARGET_S", 1e-9)  # negative control: one prefill per round
+    rep = bench(model, V2DROP_4, vision_tokens=8, text_tokens=2, new_tokens=1, repeat=3, progress=False, limit=False)
+    assert all(v["prefills_per_round"] == 1 for v in rep["variants"].values())
+    assert max(v["prefill_s"]["max"] for v in rep["variants"].values()) > 2.9
+
+
+def test_inner_repeat_count_follows_the_warm_up():
+    from tokencomp.bench import INNER_MAX, INNER_TARGET_S, Variant
+
+    v = Variant("x")
+    v.calibrate(INNER_TARGET_S * 2)
+    assert v.inner == 1
+    v.calibrate(INNER_TARGET_S / 4.5)
+    assert v.inner == 5
+    v.calibrate(0.0)
+    assert v.inner == INNER_MAX
