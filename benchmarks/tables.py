@@ -7,6 +7,8 @@
         # the scaling tables: ratios as vision tokens grow (batch 1) and as the batch grows
     python benchmarks/tables.py benchmarks/results/gpu --gpu --update BENCHMARKS.md
         # the GPU efficiency comparison (benchmarks/gpu.sh runs it)
+    python benchmarks/tables.py benchmarks/results/cpu --reproduce benchmarks/results/rerun/cpu --tag reproduce-cpu \
+        --update BENCHMARKS.md   # a rerun's ratios against the first run's intervals
 
 The tag is the folder's name. Tables are generated from the result files only: never edit them by hand.
 """
@@ -132,6 +134,42 @@ def gpu_table(folder: Path) -> str:
     return "\n".join([preamble(reps), "", GPU_HEADER] + rows)
 
 
+REPRO_RATIOS = (("recipe/untouched", "prefill", "prefill ratio"), ("recipe/untouched", "decode", "decode time ratio"),
+                ("limit/untouched", "prefill", "limit ratio"), ("recipe/limit", "prefill", "tokencomp ÷ limit"),
+                ("peer/recipe", "prefill", "peer ÷ tokencomp"), ("hooks/untouched", "prefill", "keep=1 hooks ratio"))
+
+
+def reproduction(first: Path, rerun: Path) -> str:
+    """Each timed ratio of a rerun (same command, result files of the same names under ``rerun``)
+    against the interval the first run stated: whether the rerun's median falls inside it."""
+    lines = [
+        f"Rerun of the commands whose results are in `{first}` (results in `{rerun}`): is each rerun median inside "
+        "the interval the first run stated?",
+        "",
+        "| result | ratio | first run [interval] | rerun [interval] | rerun inside first interval |",
+        "|---|---|---|---|---|",
+    ]
+    inside = total = 0
+    for path in sorted(first.glob("*.json")):
+        other = rerun / path.name
+        if not other.exists():
+            continue
+        a, b = json.loads(path.read_text())[0], json.loads(other.read_text())[0]
+        for key, series, label in REPRO_RATIOS:
+            ra = a.get("ratios", {}).get(key, {}).get(series)
+            rb = b.get("ratios", {}).get(key, {}).get(series)
+            if not ra or not rb:
+                continue
+            ok = ra["ci"][0] <= rb["median"] <= ra["ci"][1]
+            inside += ok
+            total += 1
+            lines.append(f"| {path.stem} | {label} | {_ci(ra)} | {_ci(rb)} | {'yes' if ok else '**no**'} |")
+    if not total:
+        return "(no result files in both folders)"
+    lines += ["", f"{inside} of {total} rerun ratios fall inside the first run's interval."]
+    return "\n".join(lines)
+
+
 def update(doc_path: Path, tag: str, text: str) -> None:
     doc = doc_path.read_text()
     pattern = re.compile(rf"(<!-- table:{tag} -->\n)(?:.*?\n)?(<!-- /table:{tag} -->)", re.S)
@@ -147,8 +185,13 @@ def main() -> None:
     ap.add_argument("--scaling", action="store_true", help="render the scaling tables")
     ap.add_argument("--gpu", action="store_true", help="render the GPU efficiency comparison (benchmarks/gpu.sh)")
     ap.add_argument("--tag", help="marker name (default: the folder's name)")
+    ap.add_argument("--reproduce", type=Path, metavar="RERUN",
+                    help="compare the results in RERUN (same file names) with the folder's intervals")
     args = ap.parse_args()
-    text = scaling(args.folder) if args.scaling else gpu_table(args.folder) if args.gpu else table(args.folder)
+    if args.reproduce:
+        text = reproduction(args.folder, args.reproduce)
+    else:
+        text = scaling(args.folder) if args.scaling else gpu_table(args.folder) if args.gpu else table(args.folder)
     if not args.update:
         print(text)
         return

@@ -391,3 +391,30 @@ def test_inner_repeat_count_follows_the_warm_up():
     assert v.inner == 5
     v.calibrate(0.0)
     assert v.inner == INNER_MAX
+
+
+def test_reproduction_table_checks_rerun_medians_against_first_intervals(tmp_path):
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import tables
+    finally:
+        sys.path.pop(0)
+
+    def rep(median, lo, hi):
+        r = {"median": median, "ci": [lo, hi]}
+        return [{"ratios": {"recipe/untouched": {"prefill": r, "decode": r}}}]
+
+    first, rerun = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), rerun.mkdir()
+    (first / "x.json").write_text(json.dumps(rep(0.50, 0.45, 0.55)))
+    (rerun / "x.json").write_text(json.dumps(rep(0.54, 0.50, 0.60)))  # inside
+    (first / "y.json").write_text(json.dumps(rep(0.50, 0.49, 0.51)))
+    (rerun / "y.json").write_text(json.dumps(rep(0.60, 0.58, 0.62)))  # outside: must say so
+    (first / "only-first.json").write_text(json.dumps(rep(0.5, 0.4, 0.6)))
+    text = tables.reproduction(first, rerun)
+    assert "2 of 4 rerun ratios fall inside" in text
+    assert text.count("| **no** |") == 2 and "only-first" not in text
