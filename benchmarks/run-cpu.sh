@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The CPU benchmark scenarios of BENCHMARKS.md (a shared 2-core machine: small shapes, 3 rounds).
-# Each writes benchmarks/results/<table>/<name>.json and .log; then
+# The CPU benchmark scenarios of BENCHMARKS.md (a shared 2-core machine: small shapes, 5 rounds).
+# Each writes $RES/<table>/<name>.json and .log (RES=benchmarks/results by default; the reproduction
+# check reruns the same commands with RES=benchmarks/results/rerun, then
+#   python benchmarks/tables.py benchmarks/results/cpu --reproduce benchmarks/results/rerun/cpu --tag reproduce-cpu --update BENCHMARKS.md
+# and the same for scaling and video); then
 #   python benchmarks/tables.py benchmarks/results/cpu --update BENCHMARKS.md
 #   python benchmarks/tables.py benchmarks/results/scaling --scaling --update BENCHMARKS.md
 #   python benchmarks/tables.py benchmarks/results/video --update BENCHMARKS.md
@@ -8,6 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TC=${TC:-.venv/bin/tokencomp}
+RES=${RES:-benchmarks/results}
 # LLaVA-1.5-7B's head layout (32 heads, MHA) and MLP ratio, 8 of its 32 layers, width 512: the
 # attention matrix of the peer variant has the real head count; a 2-core CPU finishes in minutes.
 L8="llava-1.5-7b:layers=8,hidden=512,heads=32,kv_heads=32,intermediate=1376"
@@ -17,29 +21,29 @@ L4W="llava-1.5-7b:layers=4,hidden=512,heads=8,kv_heads=8,intermediate=1376"
 PDROP8="{name: pdrop/8-layer, scorer: pdrop, schedule: {stages: [{layer: 2, keep: 0.5}, {layer: 4, keep: 0.5}, {layer: 6, keep: 0.5}]}}"
 FASTV4="{name: fastv/4-layer-k1-r25, scorer: fastv, selector: topk, schedule: {stages: [{layer: 1, keep: 0.25}]}}"
 INPUT="{name: input-uniform-0.3334, schedule: {stages: [{phase: input, keep: 0.3334, scorer: uniform}]}}"
-run() { dir=$1; name=$2; shift 2; mkdir -p "benchmarks/results/$dir"; echo "== $dir/$name: $*"
-        "$TC" bench "$@" --json "benchmarks/results/$dir/$name.json" --quiet > "benchmarks/results/$dir/$name.log" 2>&1
-        tail -n 12 "benchmarks/results/$dir/$name.log"; }
+run() { dir=$1; name=$2; shift 2; mkdir -p "$RES/$dir"; echo "== $dir/$name: $*"
+        "$TC" bench "$@" --json "$RES/$dir/$name.json" --quiet > "$RES/$dir/$name.log" 2>&1
+        tail -n 12 "$RES/$dir/$name.log"; }
 groups=("${@:-cpu input scaling}"); groups=(${groups[*]})
 for g in "${groups[@]}"; do case $g in
 cpu)
-  run cpu fastv-k2-576   fastv/llava-1.5-7b-k2-r50 --synthetic "$L8" --vision-tokens 576 --repeat 3 --new-tokens 4
-  run cpu pdrop-576      "$PDROP8"                 --synthetic "$L8" --vision-tokens 576 --repeat 3 --new-tokens 4 ;;
+  run cpu fastv-k2-576   fastv/llava-1.5-7b-k2-r50 --synthetic "$L8" --vision-tokens 576 --repeat 5 --new-tokens 16
+  run cpu pdrop-576      "$PDROP8"                 --synthetic "$L8" --vision-tokens 576 --repeat 5 --new-tokens 16 ;;
 input)  # issue 15's example (an input stage keeping a third), on the 4-layer width-512 shape
-  run cpu input-2880 "$INPUT" --synthetic "$L4W" --vision-tokens 2880 --repeat 3 --new-tokens 2 ;;
+  run cpu input-2880 "$INPUT" --synthetic "$L4W" --vision-tokens 2880 --repeat 5 --new-tokens 16 ;;
 scaling)
   for n in 576 1152 2880 5760; do
-    run scaling fastv-k1-$n-b1 "$FASTV4" --synthetic "$L4" --vision-tokens $n --repeat 3 --new-tokens 2 --no-peer
+    run scaling fastv-k1-$n-b1 "$FASTV4" --synthetic "$L4" --vision-tokens $n --repeat 5 --new-tokens 16 --no-peer
   done
   for b in 2 4; do
-    run scaling fastv-k1-576-b$b "$FASTV4" --synthetic "$L4" --vision-tokens 576 --batch $b --repeat 3 --new-tokens 2 --no-peer
+    run scaling fastv-k1-576-b$b "$FASTV4" --synthetic "$L4" --vision-tokens 576 --batch $b --repeat 5 --new-tokens 16 --no-peer
   done ;;
 video)  # the video methods side by side: 6272 tokens as 32 frames, a narrow 28-layer OneVision shape
   OV="llava-onevision-7b:layers=28,hidden=128,heads=2,kv_heads=1,intermediate=256"
   for r in v2drop/llava-onevision-7b-video-25 v2drop/llava-onevision-7b-video-15 dycoke/llava-onevision-7b-video \
            dycoke/llava-onevision-7b-video-evict fastvid/llava-onevision-7b-video holitom/llava-onevision-7b-video-15 \
            prunevid/llava-onevision-7b-video; do
-    run video "${r//\//-}" "$r" --synthetic "$OV" --vision-tokens 6272 --frames 32 --text-tokens 40 --repeat 2 --new-tokens 8 --no-limit
+    run video "${r//\//-}" "$r" --synthetic "$OV" --vision-tokens 6272 --frames 32 --text-tokens 40 --repeat 5 --new-tokens 32
   done ;;
 *) echo "unknown group $g (cpu, input, scaling, video)" >&2; exit 2 ;;
 esac; done

@@ -163,7 +163,10 @@ def apply_merges(h: torch.Tensor, out: torch.Tensor, b: int, kept: torch.Tensor,
     # Kept tokens other than the target survive on their own: not merged into it.
     own = ((~kept[b, members]) | (members == slots[owner])).float()
     hb = h[b].float()
-    sums = torch.zeros(slots.numel(), hb.shape[-1], device=h.device).index_add_(0, owner, hb[members] * own[:, None])
+    # scatter_add_ with a row-expanded index adds in the same (list) order as index_add_ over rows, in
+    # one kernel: on CPU index_add_ dispatches per member row (3x slower for FastVID's ~5 rows per token).
+    d = hb.shape[-1]
+    sums = torch.zeros(slots.numel(), d, device=h.device).scatter_add_(0, owner[:, None].expand(-1, d), hb[members] * own[:, None])
     cnt = torch.zeros(slots.numel(), device=h.device).index_add_(0, owner, own)
     mean = sums / cnt.clamp(min=1)[:, None]
     if beta is not None:
