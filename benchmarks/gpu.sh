@@ -6,15 +6,19 @@
 #      untouched model, V²Drop, FastV as its original code runs it (full attention matrix) and FastV
 #      with tokencomp's q/k probes;
 #   3. python benchmarks/tables.py benchmarks/results/gpu --gpu --update BENCHMARKS.md
-# Usage: benchmarks/gpu.sh [--dry-run]     (--dry-run: print the commands, run nothing, need no GPU)
+# With --video instead: the video methods side by side at LLaVA-OneVision-7B's decoder shape
+# (Qwen2-7B: 28 layers, hidden 3584, 28 heads, 4 KV heads; 6272 vision tokens as 32 frames of 196),
+# one bench per shipped recipe (about a minute each), then the gpu-video table.
+# Usage: benchmarks/gpu.sh [--dry-run] [--video]  (--dry-run: print the commands, run nothing, need no GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
-case "${1:-}" in
+VIDEO=0
+for arg in "$@"; do case $arg in
   --dry-run) DRY=1 ;;
-  "") ;;
-  *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
-esac
+  --video) VIDEO=1 ;;
+  *) echo "usage: $0 [--dry-run] [--video]" >&2; exit 2 ;;
+esac; done
 PY=${PY:-.venv/bin/python}
 TC=${TC:-.venv/bin/tokencomp}
 OUT=${OUT:-benchmarks/results/gpu}
@@ -38,6 +42,19 @@ if [[ $DRY == 0 ]]; then
 fi
 ATTN=sdpa
 if [[ $DRY == 1 ]] || "$PY" -c "import flash_attn" 2>/dev/null; then ATTN=flash_attention_2; fi
+if [[ $VIDEO == 1 ]]; then
+  OUT=${OUT_VIDEO:-benchmarks/results/gpu-video}
+  [[ $DRY == 0 ]] && mkdir -p "$OUT"
+  OV="llava-onevision-7b:layers=28,hidden=3584,heads=28,kv_heads=4,intermediate=18944"   # its Qwen2-7B decoder
+  for r in v2drop/llava-onevision-7b-video-25 v2drop/llava-onevision-7b-video-15 dycoke/llava-onevision-7b-video \
+           dycoke/llava-onevision-7b-video-evict fastvid/llava-onevision-7b-video holitom/llava-onevision-7b-video-15 \
+           prunevid/llava-onevision-7b-video; do
+    step 120 "$TC" bench "$r" --synthetic "$OV" --device cuda --dtype float16 --attn "$ATTN" --vision-tokens 6272 \
+      --frames 32 --text-tokens 40 --repeat 5 --new-tokens 32 --quiet --json "$OUT/${r//\//-}.json"
+  done
+  step 30 "$PY" benchmarks/tables.py "$OUT" --tag gpu-video --update BENCHMARKS.md
+  exit 0
+fi
 COMMON=(--synthetic "$SHAPE" --device cuda --dtype float16 --attn "$ATTN" --vision-tokens 576 --text-tokens 60
         --repeat 10 --new-tokens 32 --quiet)
 

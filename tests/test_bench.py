@@ -299,6 +299,14 @@ def test_gpu_script_dry_run_and_tables(tmp_path):
     for c in cmds[1:3]:
         assert "heads=32" in c and "float16" in c and "cuda" in c and "576" in c
     assert "--gpu" in cmds[3] and "BENCHMARKS.md" in cmds[3]
+    video = subprocess.run(["bash", str(script), "--dry-run", "--video"], capture_output=True, text=True, timeout=60)
+    assert video.returncode == 0, video.stderr
+    vcmds = [l for l in video.stdout.splitlines() if l.startswith("+ ")]
+    assert len(vcmds) == 8 and "--tag gpu-video" in vcmds[-1]
+    for c in vcmds[:-1]:
+        assert "hidden=3584" in c and "--frames 32" in c and "6272" in c and "cuda" in c
+        name = c.split(" bench ")[1].split()[0]
+        tokencomp.load_recipe(name)  # every recipe the script names exists
     if not torch.cuda.is_available():
         real = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
         assert real.returncode == 3 and "no CUDA GPU" in real.stderr
