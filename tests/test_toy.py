@@ -1,11 +1,11 @@
 """The shipped toy VLM (tokencomp/toy): it loads like any checkpoint, it sees, and compression shows.
 
-Thresholds are on 50 held-out questions (test split, seed 0). The shipped checkpoint answers 78% of
-them (issue 13's 90% target is not reached yet: see tokencomp/toy/__init__.py), 20% with every
-vision token dropped at layer 1. A keep = 1 recipe answers identically; a deliberately broken engine
-(a wrong kept-index map) visibly loses accuracy against the same recipe run by the real engine
-(measured 0.52 -> 0.20). Renumbering the kept tokens' positions is *not* a usable control on this
-model: its vision features carry their own grid position, and accuracy did not move (0.52 -> 0.52).
+Thresholds are on 50 held-out questions (test split, seed 0). The shipped checkpoint answers 94% of
+them (issue 13's bar: 90%; provenance in tokencomp/toy/__init__.py). A keep = 1 recipe answers
+identically; a deliberately broken engine (a wrong kept-index map) visibly loses accuracy against
+the same recipe run by the real engine (measured 0.76 -> 0.16). Renumbering the kept tokens' positions is *not* a usable control on this
+model: its vision features carry their own grid position, and accuracy did not move (0.52 -> 0.52 on
+the previous checkpoint).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import tokencomp
 from tokencomp import prefill
 from tokencomp.toy import build, harness, scenes
 
-UNTOUCHED_MIN = 0.70  #: measured 0.78 on the 50 held-out questions, minus a margin
+UNTOUCHED_MIN = 0.90  #: issue 13's bar; measured 0.94 on the 50 held-out questions
 #: the GENTLE recipe run by a broken engine must lose at least this much accuracy against the real engine
 BROKEN_LOSS = 0.15
-#: one V²Drop stage dropping 10% of the vision tokens at layer 1 (measured 0.60 with the real engine)
+#: one V²Drop stage dropping 10% of the vision tokens at layer 1 (measured 0.76 with the real engine)
 GENTLE = {"schedule": {"stages": [{"layer": 1, "keep": 0.9}]}}
 
 

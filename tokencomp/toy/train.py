@@ -16,8 +16,14 @@ Two phases, reproducible from ``--seed`` (data are generated on the fly from the
    left it in 700 steps); the saved model is a plain ``LlavaForConditionalGeneration`` and nothing
    of the guidance is used at inference.
 
-``--init DIR --data-offset N`` continues the language phase from a saved checkpoint on fresh scenes
-(the shipped one was made that way: see :mod:`tokencomp.toy`).
+``--init DIR --data-offset N`` continues the language phase from a saved checkpoint on fresh scenes.
+The shipped checkpoint is three runs of at most an hour each on 2 CPU cores (numbers in
+:mod:`tokencomp.toy`)::
+
+    python -m tokencomp.toy.train --keep-best --out A
+    python -m tokencomp.toy.train --init A --data-offset 100000 --steps 1100 --warmup 30 --lr 5e-4 --keep-best --out B
+    python -m tokencomp.toy.train --init B --data-offset 200000 --steps 3000 --warmup 30 --lr 6e-4 \
+        --keep-best --eval-every 250 --out C
 
 Saves ``save_pretrained`` model + processor into ``--out`` (fp16 weights by default, small).
 """
