@@ -426,3 +426,24 @@ def test_reproduction_table_checks_rerun_medians_against_first_intervals(tmp_pat
     text = tables.reproduction(first, rerun)
     assert "2 of 4 rerun ratios fall inside" in text
     assert text.count("| **no** |") == 2 and "only-first" not in text
+
+
+def test_decode_time_is_the_median_step_times_the_steps(monkeypatch):
+    """One slow decode step (a scheduler hiccup) does not move the decode time; every timed decode
+    run of every variant goes through it."""
+    import tokencomp.bench as tb
+
+    assert tb._decode_time([1.0, 1.0, 1.0, 100.0]) == 4.0
+    assert tb._decode_time([1.0, 2.0, 3.0]) == 6.0  # linear growth: the median step is the mean one
+    seen = []
+    real = tb._decode_time
+
+    def spy(steps):
+        seen.append(len(steps))
+        return real(steps)
+
+    monkeypatch.setattr(tb, "_decode_time", spy)
+    model = build_synthetic("llava-1.5-7b:layers=4,hidden=64,heads=4,kv_heads=2,intermediate=128")
+    bench(model, V2DROP_4, vision_tokens=8, text_tokens=2, new_tokens=3, repeat=2, progress=False)
+    # untouched, hooks, recipe, limit: warm-up + 2 rounds each, 3 steps per run
+    assert seen == [3] * (4 * 3)

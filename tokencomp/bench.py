@@ -16,7 +16,9 @@ Time and memory are measured in **separate passes**: the timed rounds run nothin
 (no memory sampler), and one extra untimed pass per variant measures peak memory (on CPU a sampler
 thread polls the heap, which slows what it watches, so it never runs while a clock does). Times are
 reported as medians with a distribution-free interval of the paired per-round ratios, a min-based
-estimate and a noise figure; ratios whose interval is wide are flagged in ``warnings``.
+estimate and a noise figure; ratios whose interval is wide are flagged in ``warnings``. Within a
+round, a short prefill is repeated and its fastest run kept (:data:`INNER_TARGET_S`), and a decode
+run's time is its median step times the steps (:func:`_decode_time`).
 
 Only the language model is timed: inputs are embeddings with an explicit vision mask, so the vision
 tower (identical in every variant) does not dilute the ratios. FLOP ratios come from
@@ -304,7 +306,14 @@ def _hf_prefill(s: _Setup, handle):
     return getattr(out, "cache", None) or out.past_key_values
 
 
-def _hf_decode(s: _Setup, cache) -> None:
+def _decode_time(step_times: list) -> float:
+    """Time of a decode run from its per-step times: the median step times the steps. One slow step
+    (a scheduler hiccup on a shared machine) would move a plain sum; the cost of a step grows only
+    linearly with the cache, so the median step is the mean one."""
+    return statistics.median(step_times) * len(step_times)
+
+
+def _hf_decode(s: _Setup, cache, step_times: Optional[list] = None) -> None:
     # Single-token steps on the prefill's cache. The token fed is fixed (a text id): which token it
     # is does not change the cost, and a random model's argmax could be a vision placeholder.
     ids = torch.full((s.mask.shape[0], 1), s.decode_id, dtype=torch.long, device=s.mask.device)
@@ -314,7 +323,13 @@ def _hf_decode(s: _Setup, cache) -> None:
         # left on the model (rope_deltas).
         pos = torch.full_like(ids, am.shape[1])
         am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
+        if step_times is not None:
+            _sync(s.device)
+            t0 = _now()
         s.model(input_ids=ids, attention_mask=am, position_ids=pos, cache=cache, use_cache=True)
+        if step_times is not None:
+            _sync(s.device)
+            step_times.append(_now() - t0)
 
 
 class _HFRunner:
@@ -361,11 +376,9 @@ class _HFRunner:
                 if handle is not None:
                     v.overhead_s.append(best[1])
                 if s.new_tokens > 0:
-                    _sync(s.device)
-                    t0 = _now()
-                    _hf_decode(s, cache)
-                    _sync(s.device)
-                    v.decode_s.append(_now() - t0)
+                    steps: list = []
+                    _hf_decode(s, cache, steps)
+                    v.decode_s.append(_decode_time(steps))
                 del cache
                 if s.new_tokens > 0 and self.generate:
                     ctx = handle.vision_mask(s.vision, s.groups) if handle is not None else _null()
@@ -527,15 +540,24 @@ def limit_prefill(model, embeds: torch.Tensor, plan: LimitPlan, record: Optional
     return logits, cache
 
 
-def limit_decode(model, cache, plan: LimitPlan, batch: int, decode_id: int, steps: int) -> None:
-    """Single-token decode steps of the limit variant on its cache (a lone query needs no mask)."""
+def limit_decode(model, cache, plan: LimitPlan, batch: int, decode_id: int, steps: int,
+                 step_times: Optional[list] = None) -> None:
+    """Single-token decode steps of the limit variant on its cache (a lone query needs no mask);
+    each step's time is appended to ``step_times`` when given."""
     dec = _decoder(model)
-    ids = torch.full((batch, 1), decode_id, dtype=torch.long, device=model.get_input_embeddings().weight.device)
+    device = model.get_input_embeddings().weight.device
+    ids = torch.full((batch, 1), decode_id, dtype=torch.long, device=device)
     for t in range(steps):
+        if step_times is not None:
+            _sync(device)
+            t0 = _now()
         hidden = model.get_input_embeddings()(ids)
         for layer in dec.layers:
             hidden = _layer_call(layer, hidden, None, plan.decode_rotary[t], cache)
         model.get_output_embeddings()(dec.norm(hidden))
+        if step_times is not None:
+            _sync(device)
+            step_times.append(_now() - t0)
 
 
 class _LimitRunner:
@@ -557,11 +579,9 @@ class _LimitRunner:
                 times.append(_now() - t0)
             v.prefill_s.append(min(times))
             if s.new_tokens > 0:
-                _sync(s.device)
-                t0 = _now()
-                limit_decode(s.model, cache, self.plan, s.embeds.shape[0], s.decode_id, s.new_tokens)
-                _sync(s.device)
-                v.decode_s.append(_now() - t0)
+                steps: list = []
+                limit_decode(s.model, cache, self.plan, s.embeds.shape[0], s.decode_id, s.new_tokens, steps)
+                v.decode_s.append(_decode_time(steps))
 
     def memory(self, s: _Setup, v: Variant) -> None:
         self.recorded = []
