@@ -31,10 +31,13 @@ def preamble(reps: list) -> str:
     first = reps[0]
     models = ", ".join(sorted({r.get("model_spec", r["model"]) for r in reps}))
     rounds = sorted({r["repeat"] for r in reps})
+    levels = sorted({(r["repeat"], r["ratios"]["recipe/untouched"]["prefill"].get("ci_level")) for r in reps
+                     if r.get("ratios", {}).get("recipe/untouched", {}).get("prefill", {}).get("ci_level")})
+    level = ", ".join(f"{100 * c:.0f}% for {n} rounds" for n, c in levels) or "see the result files"
     return (
         f"Device {first['device']}, {first['dtype']}, {first['attn']}, {first['threads']} threads; models: {models}; "
         f"{'/'.join(map(str, rounds))} timed rounds after a warm-up. Intervals are those of the median of the paired "
-        "per-round ratios (75% for 3 rounds); a ratio is only known to within its interval."
+        f"per-round ratios ({level}); a ratio is only known to within its interval."
     )
 
 
