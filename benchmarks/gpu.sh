@@ -46,9 +46,7 @@ if [[ $VIDEO == 1 ]]; then
   OUT=${OUT_VIDEO:-benchmarks/results/gpu-video}
   [[ $DRY == 0 ]] && mkdir -p "$OUT"
   OV="llava-onevision-7b:layers=28,hidden=3584,heads=28,kv_heads=4,intermediate=18944"   # its Qwen2-7B decoder
-  for r in v2drop/llava-onevision-7b-video-25 v2drop/llava-onevision-7b-video-15 dycoke/llava-onevision-7b-video \
-           dycoke/llava-onevision-7b-video-evict fastvid/llava-onevision-7b-video holitom/llava-onevision-7b-video-15 \
-           prunevid/llava-onevision-7b-video; do
+  for r in $(< benchmarks/video-recipes.txt); do  # the shipped video recipes compared (one list for CPU and GPU)
     step 120 "$TC" bench "$r" --synthetic "$OV" --device cuda --dtype float16 --attn "$ATTN" --vision-tokens 6272 \
       --frames 32 --text-tokens 40 --repeat 5 --new-tokens 32 --quiet --json "$OUT/${r//\//-}.json"
   done

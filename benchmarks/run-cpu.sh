@@ -40,9 +40,7 @@ scaling)
   done ;;
 video)  # the video methods side by side: 6272 tokens as 32 frames, a narrow 28-layer OneVision shape
   OV="llava-onevision-7b:layers=28,hidden=128,heads=2,kv_heads=1,intermediate=256"
-  for r in v2drop/llava-onevision-7b-video-25 v2drop/llava-onevision-7b-video-15 dycoke/llava-onevision-7b-video \
-           dycoke/llava-onevision-7b-video-evict fastvid/llava-onevision-7b-video holitom/llava-onevision-7b-video-15 \
-           prunevid/llava-onevision-7b-video; do
+  for r in $(< benchmarks/video-recipes.txt); do  # the shipped video recipes compared (one list for CPU and GPU)
     run video "${r//\//-}" "$r" --synthetic "$OV" --vision-tokens 6272 --frames 32 --text-tokens 40 --repeat 5 --new-tokens 32
   done ;;
 *) echo "unknown group $g (cpu, input, scaling, video)" >&2; exit 2 ;;

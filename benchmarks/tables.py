@@ -27,12 +27,17 @@ def load(folder: Path) -> list:
     return reps
 
 
+def _ratio(rep: dict, key: str, series: str):
+    """``rep["ratios"][key][series]`` (a paired ratio with its interval), or None where absent."""
+    return rep.get("ratios", {}).get(key, {}).get(series)
+
+
 def preamble(reps: list) -> str:
     first = reps[0]
     models = ", ".join(sorted({r.get("model_spec", r["model"]) for r in reps}))
     rounds = sorted({r["repeat"] for r in reps})
-    levels = sorted({(r["repeat"], r["ratios"]["recipe/untouched"]["prefill"].get("ci_level")) for r in reps
-                     if r.get("ratios", {}).get("recipe/untouched", {}).get("prefill", {}).get("ci_level")})
+    levels = sorted({(r["repeat"], p["ci_level"]) for r in reps
+                     if (p := _ratio(r, "recipe/untouched", "prefill")) and p.get("ci_level")})
     level = ", ".join(f"{100 * c:.0f}% for {n} rounds" for n, c in levels) or "see the result files"
     return (
         f"Device {first['device']}, {first['dtype']}, {first['attn']}, {first['threads']} threads; models: {models}; "
@@ -159,8 +164,7 @@ def reproduction(first: Path, rerun: Path) -> str:
             continue
         a, b = json.loads(path.read_text())[0], json.loads(other.read_text())[0]
         for key, series, label in REPRO_RATIOS:
-            ra = a.get("ratios", {}).get(key, {}).get(series)
-            rb = b.get("ratios", {}).get(key, {}).get(series)
+            ra, rb = _ratio(a, key, series), _ratio(b, key, series)
             if not ra or not rb:
                 continue
             ok = ra["ci"][0] <= rb["median"] <= ra["ci"][1]

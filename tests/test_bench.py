@@ -280,6 +280,19 @@ def test_bench_interrupted_carries_the_complete_rounds(monkeypatch):
     tokencomp.apply(model, recipe).remove()  # the interrupted round's hooks were removed: applies again
 
 
+def _tables():
+    """``benchmarks/tables.py`` (a script folder, not a package) as a module."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import tables
+    finally:
+        sys.path.pop(0)
+    return tables
+
+
 def test_gpu_script_dry_run_and_tables(tmp_path):
     """benchmarks/gpu.sh: --dry-run prints the FA2 tests, both benches and the table update without a
     GPU; without one and without --dry-run it refuses. The GPU table renders bench results."""
@@ -311,11 +324,7 @@ def test_gpu_script_dry_run_and_tables(tmp_path):
         real = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
         assert real.returncode == 3 and "no CUDA GPU" in real.stderr
 
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import tables
-    finally:
-        sys.path.pop(0)
+    tables = _tables()
     model = build_synthetic("llava-1.5-7b:layers=4,hidden=64,heads=4,kv_heads=2,intermediate=128")
     for name, recipe in (("v2drop", {"scorer": "v2drop", "schedule": {"stages": [{"layer": 2, "keep": 0.5}]}}), ("fastv", FASTV)):
         rep = bench(model, recipe, vision_tokens=8, text_tokens=2, new_tokens=1, repeat=1, progress=False)
@@ -402,15 +411,7 @@ def test_inner_repeat_count_follows_the_warm_up():
 
 
 def test_reproduction_table_checks_rerun_medians_against_first_intervals(tmp_path):
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import tables
-    finally:
-        sys.path.pop(0)
+    tables = _tables()
 
     def rep(median, lo, hi):
         r = {"median": median, "ci": [lo, hi]}

@@ -306,6 +306,15 @@ def _hf_prefill(s: _Setup, handle):
     return getattr(out, "cache", None) or out.past_key_values
 
 
+def _clocked(device, fn: Callable[[], Any]) -> tuple[float, Any]:
+    """``fn()`` timed between two device synchronisations: (seconds, its result)."""
+    _sync(device)
+    t0 = _now()
+    out = fn()
+    _sync(device)
+    return _now() - t0, out
+
+
 def _decode_time(step_times: list) -> float:
     """Time of a decode run from its per-step times: the median step times the steps. One slow step
     (a scheduler hiccup on a shared machine) would move a plain sum; the cost of a step grows only
@@ -323,13 +332,11 @@ def _hf_decode(s: _Setup, cache, step_times: Optional[list] = None) -> None:
         # left on the model (rope_deltas).
         pos = torch.full_like(ids, am.shape[1])
         am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
-        if step_times is not None:
-            _sync(s.device)
-            t0 = _now()
-        s.model(input_ids=ids, attention_mask=am, position_ids=pos, cache=cache, use_cache=True)
-        if step_times is not None:
-            _sync(s.device)
-            step_times.append(_now() - t0)
+        step = lambda: s.model(input_ids=ids, attention_mask=am, position_ids=pos, cache=cache, use_cache=True)  # noqa: E731
+        if step_times is None:
+            step()
+        else:
+            step_times.append(_clocked(s.device, step)[0])
 
 
 class _HFRunner:
@@ -365,11 +372,7 @@ class _HFRunner:
                     cache = None  # free the previous run's cache before the next prefill
                     if handle is not None:
                         handle.overhead_s = 0.0
-                    _sync(s.device)
-                    t0 = _now()
-                    cache = _hf_prefill(s, handle)
-                    _sync(s.device)
-                    dt = _now() - t0
+                    dt, cache = _clocked(s.device, lambda: _hf_prefill(s, handle))
                     if best is None or dt < best[0]:
                         best = (dt, handle.overhead_s if handle is not None else 0.0)
                 v.prefill_s.append(best[0])
@@ -382,13 +385,10 @@ class _HFRunner:
                 del cache
                 if s.new_tokens > 0 and self.generate:
                     ctx = handle.vision_mask(s.vision, s.groups) if handle is not None else _null()
-                    _sync(s.device)
-                    t0 = _now()
                     with ctx:
-                        s.model.generate(inputs_embeds=s.embeds, attention_mask=s.mask, max_new_tokens=s.new_tokens,
-                                         min_new_tokens=s.new_tokens, do_sample=False)
-                    _sync(s.device)
-                    v.generate_s.append(_now() - t0)
+                        v.generate_s.append(_clocked(s.device, lambda: s.model.generate(
+                            inputs_embeds=s.embeds, attention_mask=s.mask, max_new_tokens=s.new_tokens,
+                            min_new_tokens=s.new_tokens, do_sample=False))[0])
         finally:
             if handle is not None:
                 handle.remove()
@@ -547,17 +547,18 @@ def limit_decode(model, cache, plan: LimitPlan, batch: int, decode_id: int, step
     dec = _decoder(model)
     device = model.get_input_embeddings().weight.device
     ids = torch.full((batch, 1), decode_id, dtype=torch.long, device=device)
-    for t in range(steps):
-        if step_times is not None:
-            _sync(device)
-            t0 = _now()
+
+    def step(t: int) -> None:
         hidden = model.get_input_embeddings()(ids)
         for layer in dec.layers:
             hidden = _layer_call(layer, hidden, None, plan.decode_rotary[t], cache)
         model.get_output_embeddings()(dec.norm(hidden))
-        if step_times is not None:
-            _sync(device)
-            step_times.append(_now() - t0)
+
+    for t in range(steps):
+        if step_times is None:
+            step(t)
+        else:
+            step_times.append(_clocked(device, lambda: step(t))[0])
 
 
 class _LimitRunner:
@@ -571,12 +572,9 @@ class _LimitRunner:
         with torch.no_grad():
             times = []
             for _ in range(v.inner):
-                cache = None
-                _sync(s.device)
-                t0 = _now()
-                _, cache = limit_prefill(s.model, s.embeds, self.plan)
-                _sync(s.device)
-                times.append(_now() - t0)
+                cache = None  # free the previous run's cache before the next prefill
+                dt, (_, cache) = _clocked(s.device, lambda: limit_prefill(s.model, s.embeds, self.plan))
+                times.append(dt)
             v.prefill_s.append(min(times))
             if s.new_tokens > 0:
                 steps: list = []
