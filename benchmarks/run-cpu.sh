@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CPU benchmark scenarios of BENCHMARKS.md (a shared 2-core machine: small shapes, 5 rounds).
+# The CPU benchmark scenarios of BENCHMARKS.md (a shared 2-core machine: small shapes, 15 rounds: enough
+# for an interval that a rerun's median falls in with probability 99.8%, see tokencomp.bench.rerun_interval).
 # Each writes $RES/<table>/<name>.json and .log (RES=benchmarks/results by default; the reproduction
 # check reruns the same commands with RES=benchmarks/results/rerun, then
 #   python benchmarks/tables.py benchmarks/results/cpu --reproduce benchmarks/results/rerun/cpu --tag reproduce-cpu --update BENCHMARKS.md
@@ -12,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TC=${TC:-.venv/bin/tokencomp}
 RES=${RES:-benchmarks/results}
+ROUNDS=${ROUNDS:-15}
 # LLaVA-1.5-7B's head layout (32 heads, MHA) and MLP ratio, 8 of its 32 layers, width 512: the
 # attention matrix of the peer variant has the real head count; a 2-core CPU finishes in minutes.
 L8="llava-1.5-7b:layers=8,hidden=512,heads=32,kv_heads=32,intermediate=1376"
@@ -27,21 +29,22 @@ run() { dir=$1; name=$2; shift 2; mkdir -p "$RES/$dir"; echo "== $dir/$name: $*"
 groups=("${@:-cpu input scaling}"); groups=(${groups[*]})
 for g in "${groups[@]}"; do case $g in
 cpu)
-  run cpu fastv-k2-576   fastv/llava-1.5-7b-k2-r50 --synthetic "$L8" --vision-tokens 576 --repeat 5 --new-tokens 16
-  run cpu pdrop-576      "$PDROP8"                 --synthetic "$L8" --vision-tokens 576 --repeat 5 --new-tokens 16 ;;
+  run cpu fastv-k2-576   fastv/llava-1.5-7b-k2-r50 --synthetic "$L8" --vision-tokens 576 --repeat $ROUNDS --new-tokens 16
+  run cpu pdrop-576      "$PDROP8"                 --synthetic "$L8" --vision-tokens 576 --repeat $ROUNDS --new-tokens 16 ;;
 input)  # issue 15's example (an input stage keeping a third), on the 4-layer width-512 shape
-  run cpu input-2880 "$INPUT" --synthetic "$L4W" --vision-tokens 2880 --repeat 5 --new-tokens 16 ;;
+  run cpu input-2880 "$INPUT" --synthetic "$L4W" --vision-tokens 2880 --repeat $ROUNDS --new-tokens 16 ;;
 scaling)
   for n in 576 1152 2880 5760; do
-    run scaling fastv-k1-$n-b1 "$FASTV4" --synthetic "$L4" --vision-tokens $n --repeat 5 --new-tokens 16 --no-peer
+    run scaling fastv-k1-$n-b1 "$FASTV4" --synthetic "$L4" --vision-tokens $n --repeat $ROUNDS --new-tokens 16 --no-peer
   done
   for b in 2 4; do
-    run scaling fastv-k1-576-b$b "$FASTV4" --synthetic "$L4" --vision-tokens 576 --batch $b --repeat 5 --new-tokens 16 --no-peer
+    run scaling fastv-k1-576-b$b "$FASTV4" --synthetic "$L4" --vision-tokens 576 --batch $b --repeat $ROUNDS --new-tokens 16 --no-peer
   done ;;
 video)  # the video methods side by side: 6272 tokens as 32 frames, a narrow 28-layer OneVision shape
+  # (no end-to-end generate timing: prefill and decode are timed separately, and it would double the untouched round)
   OV="llava-onevision-7b:layers=28,hidden=128,heads=2,kv_heads=1,intermediate=256"
   for r in $(< benchmarks/video-recipes.txt); do  # the shipped video recipes compared (one list for CPU and GPU)
-    run video "${r//\//-}" "$r" --synthetic "$OV" --vision-tokens 6272 --frames 32 --text-tokens 40 --repeat 5 --new-tokens 32
+    run video "${r//\//-}" "$r" --synthetic "$OV" --vision-tokens 6272 --frames 32 --text-tokens 40 --repeat $ROUNDS --new-tokens 32 --no-generate
   done ;;
 *) echo "unknown group $g (cpu, input, scaling, video)" >&2; exit 2 ;;
 esac; done

@@ -68,6 +68,8 @@ def add_commands(sub) -> None:
                    help="skip the physical-limit variant (bare layers fed the recipe's token counts)")
     p.add_argument("--no-peer", dest="peer", action="store_false",
                    help="skip the full-attention-matrix peer variant of attention-based scorers")
+    p.add_argument("--no-generate", dest="generate", action="store_false",
+                   help="skip the end-to-end generate timing of each round (prefill and decode are still timed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_bench)
 
@@ -280,7 +282,7 @@ def cmd_bench(args) -> int:
         for n in progress(args.vision_tokens, args.quiet or len(args.vision_tokens) < 2, desc="vision-token counts", unit="count"):
             rep = bench(model, recipe, vision_tokens=n, text_tokens=args.text_tokens, batch=args.batch, frames=args.frames,
                         new_tokens=args.new_tokens, repeat=args.repeat, progress=not getattr(args, "quiet", False),
-                        limit=args.limit, peer=args.peer)
+                        limit=args.limit, peer=args.peer, generate=args.generate)
             rep["model_spec"] = spec
             results.append(rep)
             print(format_report(rep))
