@@ -217,9 +217,21 @@ def test_median_interval_and_paired_ratio():
 
 def test_progress_is_quiet_without_a_tty(capsys):
     model = build_synthetic("llava-1.5-7b:layers=4,hidden=64,heads=4,kv_heads=2,intermediate=128")
-    bench(model, V2DROP | {"schedule": {"stages": [{"layer": 2, "keep": 0.5}]}}, vision_tokens=8, text_tokens=2,
-          new_tokens=0, repeat=1, progress=True, limit=False)
+    rep = bench(model, V2DROP | {"schedule": {"stages": [{"layer": 2, "keep": 0.5}]}}, vision_tokens=8, text_tokens=2,
+                new_tokens=0, repeat=1, progress=True, limit=False)
     assert capsys.readouterr().err == ""
+    # Nothing decoded: the report says so instead of printing nan rows.
+    text = format_report(rep)
+    assert "nan" not in text and "nothing decoded" in text and "kv_cache_bytes_after_decode" not in text
+
+
+def test_no_generate_times_prefill_and_decode_only():
+    model = build_synthetic("llava-1.5-7b:layers=4,hidden=64,heads=4,kv_heads=2,intermediate=128")
+    rep = bench(model, V2DROP_4, vision_tokens=8, text_tokens=2, new_tokens=2, repeat=2, progress=False, generate=False)
+    assert rep["variants"]["untouched"]["generate_s"]["n"] == 0 and rep["variants"]["recipe"]["generate_s"]["n"] == 0
+    assert rep["variants"]["recipe"]["decode_s"]["n"] == 2 and len(rep["variants"]["recipe"]["prefill_s"]["values"]) == 2
+    text = format_report(rep)
+    assert "generate not timed" in text and "nan" not in text
 
 
 def test_bench_cli_json(tmp_path, capsys):
@@ -414,7 +426,8 @@ def test_reproduction_table_checks_rerun_medians_against_first_intervals(tmp_pat
     tables = _tables()
 
     def rep(median, lo, hi):
-        r = {"median": median, "ci": [lo, hi]}
+        # A median interval narrower than the rerun interval: the check must use the latter.
+        r = {"median": median, "ci": [median, median], "ci_level": 0.9, "rerun": [lo, hi], "rerun_level": 0.99}
         return [{"ratios": {"recipe/untouched": {"prefill": r, "decode": r}}}]
 
     first, rerun = tmp_path / "a", tmp_path / "b"
@@ -427,6 +440,60 @@ def test_reproduction_table_checks_rerun_medians_against_first_intervals(tmp_pat
     text = tables.reproduction(first, rerun)
     assert "2 of 4 rerun ratios fall inside" in text
     assert text.count("| **no** |") == 2 and "only-first" not in text
+    assert "expect 0.04 misses" in text  # four ratios stated at 99%
+    # Result files from before the rerun interval: their median interval is what they stated.
+    old = {"median": 0.5, "ci": [0.45, 0.55], "ci_level": 0.9375}
+    (first / "x.json").write_text(json.dumps([{"ratios": {"recipe/untouched": {"prefill": old}}}]))
+    (first / "y.json").unlink()
+    assert "1 of 1 rerun ratios fall inside" in tables.reproduction(first, rerun)
+
+
+def _coverage_by_enumeration(n: int, k: int, f: int) -> float:
+    """Reference for rerun_coverage: every interleaving of n first-run and f rerun ranks (equally
+    likely for exchangeable rounds), counting those where the rerun's median lies in [x_(k), x_(n+1-k)]."""
+    import itertools
+    import statistics
+
+    hits = total = 0
+    for first in itertools.combinations(range(n + f), n):
+        chosen = set(first)
+        rerun = [r for r in range(n + f) if r not in chosen]
+        med = statistics.median(rerun)
+        total += 1
+        hits += first[k - 1] <= med <= first[n - k]
+    return hits / total
+
+
+def test_rerun_coverage_matches_enumeration_of_rank_orders():
+    from tokencomp.bench import rerun_coverage
+
+    for n in (3, 5, 7):
+        for k in range(1, (n + 1) // 2 + 1):
+            assert rerun_coverage(n, k) == pytest.approx(_coverage_by_enumeration(n, k, n), abs=1e-12)
+    # An even-sized rerun: the stated coverage is a lower bound (conservative), never above the truth.
+    for n, k, f in ((5, 1, 4), (6, 2, 6), (7, 2, 8)):
+        assert rerun_coverage(n, k, f) <= _coverage_by_enumeration(n, k, f) + 1e-12
+    # The numbers the docs quote: the full range of 5 rounds covers a rerun's median 83% of the
+    # time (not the 94% it covers the true median with), 15 rounds 99.8%.
+    assert rerun_coverage(5, 1) == pytest.approx(0.8333, abs=1e-4)
+    assert rerun_coverage(15, 1) == pytest.approx(0.9978, abs=1e-4)
+
+
+def test_rerun_interval_is_the_narrowest_pair_reaching_the_target():
+    from tokencomp.bench import paired_ratio, rerun_coverage, rerun_interval
+
+    x = [float(v) for v in range(1, 22)]  # 21 rounds: dropping one round at each end keeps >= 99%
+    lo, hi, cov = rerun_interval(x, target=0.99)
+    assert (lo, hi) == (3.0, 19.0) and cov == rerun_coverage(21, 3) >= 0.99 > rerun_coverage(21, 4)
+    lo, hi, cov = rerun_interval(x[:5])  # too few rounds: the full range, with its honest coverage
+    assert (lo, hi) == (1.0, 5.0) and cov == pytest.approx(0.8333, abs=1e-4)
+    r = paired_ratio([2.0, 4.0, 3.0, 5.0, 6.0], [1.0, 1.0, 1.0, 1.0, 1.0])
+    assert r["rounds"] == [2.0, 4.0, 3.0, 5.0, 6.0] and r["rerun"] == [2.0, 6.0]
+    assert r["rerun"][0] <= r["ci"][0] and r["ci"][1] <= r["rerun"][1]
+    from tokencomp.bench import _invert  # a time ratio read as a rate: the interval flips
+
+    inv = _invert(r)
+    assert inv["rerun"] == [1 / 6.0, 1 / 2.0] and inv["rounds"] == [1 / v for v in r["rounds"]]
 
 
 def test_decode_time_is_the_median_step_times_the_steps(monkeypatch):

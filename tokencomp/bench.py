@@ -1077,10 +1077,10 @@ def format_report(rep: dict[str, Any]) -> str:
     ]
     for name, v in rep["variants"].items():
         p, d = v["prefill_s"], v["decode_s"]
-        tps = rep["batch"] * rep["new_tokens"] / d["median"] if d["n"] else float("nan")
+        tps = f"{rep['batch'] * rep['new_tokens'] / d['median']:.1f}" if d["n"] else "-"
         peak = v["peak_memory_bytes"]
         lines.append(
-            f"{name:<12}{p['median'] * 1e3:>9.1f} ({p['min'] * 1e3:.1f}-{p['max'] * 1e3:.1f}){p['noise']:>7.2f}{tps:>14.1f}"
+            f"{name:<12}{p['median'] * 1e3:>9.1f} ({p['min'] * 1e3:.1f}-{p['max'] * 1e3:.1f}){p['noise']:>7.2f}{tps:>14}"
             f"{(peak or 0) / 2**20:>10.1f}{v['kv_cache_bytes'] / 2**20:>9.1f}{v.get('prefills_per_round', 1):>9}"
         )
     lines += ["", f"{'metric':<22}{'baseline':>14}{'compressed':>14}{'ratio':>9}  interval (paired rounds)"]
@@ -1098,11 +1098,19 @@ def format_report(rep: dict[str, Any]) -> str:
             return f"{value * 1000:.1f} ms"
         return f"{value:.1f}"
 
+    # Measurements that were not made are said so, not printed as nan rows.
+    decode_rows = ("decode_tokens_per_s", "generate_s", "kv_cache_bytes_after_decode", "decode_flops")
+    notes = ["nothing decoded (new tokens 0)"] if not rep["new_tokens"] else []
+    if rep["new_tokens"] and m["generate_s"]["baseline"] != m["generate_s"]["baseline"]:
+        notes.append("generate not timed")
     for key, row in m.items():
+        if (key in decode_rows and not rep["new_tokens"]) or (key == "generate_s" and "generate not timed" in notes):
+            continue
         ci = (f"  {row['ci'][0]:.3f}-{row['ci'][1]:.3f} ({100 * row['ci_level']:.0f}%), min-based {row['min_based']:.3f}, "
               f"a rerun: {row['rerun'][0]:.3f}-{row['rerun'][1]:.3f} ({100 * row['rerun_level']:.1f}%)") if "ci" in row else ""
         lines.append(f"{key:<22}{fmt(key, row['baseline']):>14}{fmt(key, row['compressed']):>14}{row['ratio']:>9.3f}{ci}")
     r = rep.get("ratios", {})
+    lines += [f"({'; '.join(notes)})"] if notes else []
     lines += [
         "",
         f"prefill time ratio / FLOP ratio (efficiency, 1.00 = ideal): {rep['prefill_efficiency']:.3f}",
