@@ -379,6 +379,7 @@ class Handle:
             groups = self.adapter.vision_groups(is_vision, kwargs)
         # Which frames form a video: the adapter's word (None with explicit groups, which it cannot see).
         videos = self.adapter.vision_videos(is_vision, groups, kwargs) if explicit_groups is None else None
+        widths = self.adapter.vision_grid_widths(is_vision, groups, kwargs) if explicit_groups is None else None
         if not self._warned_grad and (torch.is_grad_enabled() or self.model.training):
             self._warned_grad = True
             warnings.warn(
@@ -392,7 +393,8 @@ class Handle:
         if self._signals:
             for encoded in (kwargs.get("mm_encoder_outputs") or {}).values():
                 signals.update(getattr(encoded, _SIGNALS_ATTR, None) or {})
-        return Prefill(self, is_vision=is_vision, valid=valid, groups=groups, last=last, keeps=keeps, signals=signals, videos=videos)
+        return Prefill(self, is_vision=is_vision, valid=valid, groups=groups, last=last, keeps=keeps, signals=signals, videos=videos,
+                       grid_widths=widths)
 
     def _keeps_for(self, is_vision: torch.Tensor) -> dict[int, torch.Tensor]:
         """Per-sample keep ratios of every stage from an input-dependent schedule (one solve per count)."""

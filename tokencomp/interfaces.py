@@ -66,6 +66,10 @@ class LayerView:
     """``(B, S)`` long: the video each vision token belongs to (its frame is its ``groups`` entry), ``-1``
     for images and other tokens; from :meth:`ModelAdapter.vision_videos`. ``None`` when the adapter
     cannot tell: video methods then take runs of contiguous, equal-size frames for videos."""
+    grid_widths: Optional[torch.Tensor] = None
+    """``(B, S)`` long: tokens per row of the grid of each vision token's image or frame (0 elsewhere);
+    from :meth:`ModelAdapter.vision_grid_widths`. ``None`` when the adapter cannot tell: spatial
+    methods then take square grids (and a non-square group as one row)."""
 
 
 class _Plugin:
@@ -286,6 +290,12 @@ class ModelAdapter(_Plugin):
         the video's frames are its tokens' ``groups``. Video methods need it where a processor puts
         text between a video's frames. Default: ``None`` (not known; videos are then guessed as runs of
         contiguous, equal-size groups)."""
+        return None
+
+    def vision_grid_widths(self, vision_mask: torch.Tensor, groups: torch.Tensor, call_kwargs: dict[str, Any]) -> Optional[torch.Tensor]:
+        """``(B, S)`` long: tokens per row of the grid each vision token's group (image or frame) is laid
+        out in, 0 elsewhere. Spatial methods (MustDrop's windows) need it where pictures are not
+        square. Default: ``None`` (not known; square groups are assumed)."""
         return None
 
     def row_markers(self, model, embeds: torch.Tensor, vision_mask: torch.Tensor) -> Optional[torch.Tensor]:

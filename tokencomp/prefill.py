@@ -31,13 +31,14 @@ class Prefill:
 
     mode = "prefill"
 
-    def __init__(self, handle, *, is_vision, valid, groups, last, keeps, signals, videos=None):
+    def __init__(self, handle, *, is_vision, valid, groups, last, keeps, signals, videos=None, grid_widths=None):
         self.handle = handle
         self.length = is_vision.shape[1]
         self.is_vision = is_vision  # (B, L)
         self.valid = valid  # (B, L) real (non-padding) tokens
         self.groups = groups  # (B, L) image / frame number, -1 elsewhere
         self.videos = videos  # (B, L) video of each video frame's token, -1 elsewhere; None: not known
+        self.grid_widths = grid_widths  # (B, L) tokens per grid row of each vision token's group; None: not known
         self.last = last  # (B,) original index of the last real token
         self.keeps = keeps  # stage layer -> (B,) keep ratios of an input-dependent schedule
         self.signals = signals  # vision-tower signal -> values in placeholder order
@@ -167,6 +168,7 @@ class Prefill:
             positions=idx,
             groups=self.groups.gather(1, idx),
             videos=None if self.videos is None else self.videos.gather(1, idx),
+            grid_widths=None if self.grid_widths is None else self.grid_widths.gather(1, idx),
             token_index=(torch.cumsum(self.valid.long(), 1) - 1).gather(1, idx),
             prev_hidden=prev,
             prev_output=prev_out if prev is not None else None,

@@ -130,6 +130,34 @@ class QwenVLAdapter(ModelAdapter):
         which = torch.searchsorted(torch.cumsum(sizes, 0), rank, right=True)
         return torch.where(video, which, torch.full_like(which, -1))
 
+    def vision_grid_widths(self, vision_mask, groups, call_kwargs):
+        pos = call_kwargs.get("position_ids")
+        if pos is not None and pos.ndim == 3 and pos.shape[-1] == vision_mask.shape[1]:
+            # M-RoPE ids (generate passes them): a group's tokens span its grid's columns on the w axis.
+            w = pos[-1].to(vision_mask.device).long()
+            g = groups.clamp(min=0)  # group numbers are < L: an (B, L) table holds them without a sync
+            big = torch.iinfo(torch.long).max
+            hi = torch.full_like(w, -big).scatter_reduce(1, g, torch.where(vision_mask, w, -big), reduce="amax")
+            lo = torch.full_like(w, big).scatter_reduce(1, g, torch.where(vision_mask, w, big), reduce="amin")
+            return torch.where(vision_mask, (hi - lo + 1).gather(1, g), torch.zeros_like(w))
+        # A plain forward carries the grids: the k-th image's (frame's) tokens are the k-th run of its
+        # placeholder count, w / merge tokens per row. Tokens of a kind whose grid the call lacks get 0.
+        ids = call_kwargs.get("input_ids")
+        if ids is None:
+            return None
+        out = torch.zeros_like(groups)
+        for tok, key in ((self.image_token_id, "image_grid_thw"), (self.video_token_id, "video_grid_thw")):
+            grid = call_kwargs.get(key)
+            if tok is None or grid is None or len(grid) == 0:
+                continue
+            t, h, w = grid.to(out.device).long().unbind(-1)
+            sizes, widths = t * h * w // self.merge**2, w // self.merge  # a video's frames share its grid
+            mask = vision_mask & (ids.to(out.device) == tok)
+            rank = (torch.cumsum(mask.flatten().long(), 0) - 1).view_as(mask)
+            which = torch.searchsorted(torch.cumsum(sizes, 0), rank, right=True).clamp(max=len(sizes) - 1)
+            out = torch.where(mask, widths[which], out)
+        return out
+
     def signal_names(self, model):
         tower = _tower(model)
         blocks = getattr(tower, "blocks", None)

@@ -40,7 +40,9 @@ Differences from the official code:
   once at ``⌈0.08·(N'−1)⌉``); ``key_ratio: 0`` drops the key set and the signal requirement;
 * attention rows come from the layer's own q/k for the text rows only (no full attention matrix,
   SDPA / FlashAttention keep running), every sample in a batch (the official uses item 0);
-* a grid that is not square is treated as one row of ``n`` tokens (1×3 windows).
+* grids are laid out as the model adapter says (``LayerView.grid_widths``: Qwen-VL's images and
+  frames of any aspect ratio); where it cannot tell, a group of ``n = s²`` tokens is an ``s × s``
+  grid and any other group one row of ``n`` tokens (1×3 windows).
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ from tokencomp.ranking import best_mask
 def window_destinations(view: LayerView, window: int) -> torch.Tensor:
     """``(B, S)`` long: for each vision token, the sequence index of its window's destination (the
     window's last token in raster order), ``-1`` elsewhere. Windows are ``window × window`` blocks of
-    each image's (group's) square grid of tokens, partial at the right / bottom edges."""
+    each image's (group's) grid of tokens, partial at the right / bottom edges; the grid's width is
+    the adapter's (``view.grid_widths``), else the group is taken as square (or as one row)."""
     vis = view.vision_mask
     B, S = vis.shape
     dev = vis.device
@@ -72,7 +75,9 @@ def window_destinations(view: LayerView, window: int) -> torch.Tensor:
     j = (vrank - first.gather(1, groups)).clamp(min=0)
     side = torch.sqrt(n_g.double()).round().long()
     width = torch.where(side * side == n_g, side, n_g)
-    height = n_g // width
+    if view.grid_widths is not None:  # the adapter knows each picture's grid (Qwen: any aspect ratio)
+        width = torch.where(vis & (view.grid_widths > 0), view.grid_widths, width)
+    height = (n_g + width - 1) // width
     row, col = j // width, j % width
     d_row = torch.minimum((row // window) * window + window - 1, height - 1)
     d_col = torch.minimum((col // window) * window + window - 1, width - 1)
