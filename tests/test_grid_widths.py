@@ -123,3 +123,21 @@ def test_families_without_grid_knowledge_keep_the_square_assumption(seen):
     with torch.no_grad(), tokencomp.apply(model, WINDOWS):
         model(**inputs)
     assert seen and seen[0].grid_widths is None
+
+
+@pytest.mark.parametrize("method", ["vision_groups", "vision_videos", "vision_grid_widths"])
+@pytest.mark.parametrize("bad", ["short", "list"])
+def test_an_adapter_giving_the_wrong_shape_is_named(method, bad, monkeypatch):
+    """A (third-party) adapter whose per-token answer has the wrong shape gets a one-line error naming
+    it and the method, before any layer runs, not an index error deep inside a scorer."""
+    from tokencomp.models.llava import LlavaAdapter
+
+    def broken(self, vision_mask, *rest):
+        return vision_mask[:, :-1].long() if bad == "short" else vision_mask.tolist()
+
+    monkeypatch.setattr(LlavaAdapter, method, broken)
+    model = tiny("llava")
+    inputs = make_inputs(model, batch=1, seed=0)
+    with torch.no_grad(), tokencomp.apply(model, WINDOWS):
+        with pytest.raises(tokencomp.PluginError, match=rf"model adapter 'llava': {method} gave .*expected a \(1, \d+\) tensor"):
+            model(**inputs)

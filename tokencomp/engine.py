@@ -380,6 +380,10 @@ class Handle:
         # Which frames form a video: the adapter's word (None with explicit groups, which it cannot see).
         videos = self.adapter.vision_videos(is_vision, groups, kwargs) if explicit_groups is None else None
         widths = self.adapter.vision_grid_widths(is_vision, groups, kwargs) if explicit_groups is None else None
+        for what, got in (("vision_groups", groups), ("vision_videos", videos), ("vision_grid_widths", widths)):
+            if got is not None and (not isinstance(got, torch.Tensor) or tuple(got.shape) != (B, L)):
+                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                raise PluginError(f"model adapter {self.adapter.name!r}: {what} gave {shape}; expected a ({B}, {L}) tensor, one entry per token")
         if not self._warned_grad and (torch.is_grad_enabled() or self.model.training):
             self._warned_grad = True
             warnings.warn(
