@@ -112,7 +112,8 @@ def test_mustdrop_windows_are_square_blocks_of_non_square_qwen_grids(family, see
         # Negative control: without the adapter's widths the 4x8 image is taken as one row of 32.
         import dataclasses
 
-        blind = scorer_module.window_destinations(dataclasses.replace(view, grid_widths=None), 3)
+        with pytest.warns(UserWarning, match="square grid"):
+            blind = scorer_module.window_destinations(dataclasses.replace(view, grid_widths=None), 3)
         assert not torch.equal(blind[b][vis], dest[b][vis])
 
 
@@ -141,3 +142,21 @@ def test_an_adapter_giving_the_wrong_shape_is_named(method, bad, monkeypatch):
     with torch.no_grad(), tokencomp.apply(model, WINDOWS):
         with pytest.raises(tokencomp.PluginError, match=rf"model adapter 'llava': {method} gave .*expected a \(1, \d+\) tensor"):
             model(**inputs)
+
+
+def test_windows_without_a_known_grid_are_said(seen):
+    """A non-square group and no widths from the adapter: MustDrop says how it lays the windows out."""
+    import dataclasses
+
+    model = tiny("qwen2_vl")
+    inputs = make_inputs(model, batch=1, seed=0)  # a 4x8 image
+    with torch.no_grad(), tokencomp.apply(model, WINDOWS):
+        model(**inputs)
+    view = seen[0]
+    with pytest.warns(UserWarning, match="do not form a square grid"):
+        scorer_module.window_destinations(dataclasses.replace(view, grid_widths=None), 3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with the adapter's widths: no warning
+        scorer_module.window_destinations(view, 3)

@@ -48,6 +48,7 @@ Differences from the official code:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +78,14 @@ def window_destinations(view: LayerView, window: int) -> torch.Tensor:
     width = torch.where(side * side == n_g, side, n_g)
     if view.grid_widths is not None:  # the adapter knows each picture's grid (Qwen: any aspect ratio)
         width = torch.where(vis & (view.grid_widths > 0), view.grid_widths, width)
+    elif bool((vis & (side * side != n_g)).any()):
+        # Said, not silent: the windows of such a group are 1 x window strips of its tokens in order.
+        warnings.warn(
+            "tokencomp: MustDrop windows: a picture's vision tokens do not form a square grid and the model "
+            "adapter does not give its width (e.g. LLaVA-NeXT's high-resolution view); its windows are taken "
+            f"as runs of {window} tokens in order",
+            stacklevel=2,
+        )
     height = (n_g + width - 1) // width
     row, col = j // width, j % width
     d_row = torch.minimum((row // window) * window + window - 1, height - 1)
