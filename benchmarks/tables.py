@@ -36,13 +36,15 @@ def preamble(reps: list) -> str:
     first = reps[0]
     models = ", ".join(sorted({r.get("model_spec", r["model"]) for r in reps}))
     rounds = sorted({r["repeat"] for r in reps})
-    levels = sorted({(r["repeat"], p["ci_level"]) for r in reps
-                     if (p := _ratio(r, "recipe/untouched", "prefill")) and p.get("ci_level")})
-    level = ", ".join(f"{100 * c:.0f}% for {n} rounds" for n, c in levels) or "see the result files"
-    reruns = sorted({(r["repeat"], p["rerun_level"]) for r in reps
-                     if (p := _ratio(r, "recipe/untouched", "prefill")) and "rerun_level" in p})
-    rerun = ("; the interval a rerun's median should fall in (" + ", ".join(f"{100 * c:.1f}% for {n} rounds" for n, c in reruns)
-             + ") is wider: it is in the result files and the reproduction tables") if reruns else ""
+    def levels(name: str, digits: int) -> str:
+        """``"96% for 15 rounds, ..."``: the ``name`` level of the prefill ratio, per round count."""
+        got = sorted({(r["repeat"], p[name]) for r in reps if (p := _ratio(r, "recipe/untouched", "prefill")) and p.get(name)})
+        return ", ".join(f"{100 * c:.{digits}f}% for {n} rounds" for n, c in got)
+
+    level = levels("ci_level", 0) or "see the result files"
+    reruns = levels("rerun_level", 1)
+    rerun = (f"; the interval a rerun's median should fall in ({reruns}) is wider: it is in the result files and the "
+             "reproduction tables") if reruns else ""
     return (
         f"Device {first['device']}, {first['dtype']}, {first['attn']}, {first['threads']} threads; models: {models}; "
         f"{'/'.join(map(str, rounds))} timed rounds after a warm-up. Intervals are those of the median of the paired "

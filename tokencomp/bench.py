@@ -364,6 +364,14 @@ def _clocked(device, fn: Callable[[], Any]) -> tuple[float, Any]:
     return _now() - t0, out
 
 
+def _step(device, fn: Callable[[], Any], step_times: Optional[list]) -> None:
+    """Run one decode step; with ``step_times`` given, time it (:func:`_clocked`) and append the time."""
+    if step_times is None:
+        fn()
+    else:
+        step_times.append(_clocked(device, fn)[0])
+
+
 def _decode_time(step_times: list) -> float:
     """Time of a decode run from its per-step times: the median step times the steps. One slow step
     (a scheduler hiccup on a shared machine) would move a plain sum; the cost of a step grows only
@@ -381,11 +389,7 @@ def _hf_decode(s: _Setup, cache, step_times: Optional[list] = None) -> None:
         # left on the model (rope_deltas).
         pos = torch.full_like(ids, am.shape[1])
         am = torch.cat([am, am.new_ones(am.shape[0], 1)], dim=1)
-        step = lambda: s.model(input_ids=ids, attention_mask=am, position_ids=pos, cache=cache, use_cache=True)  # noqa: E731
-        if step_times is None:
-            step()
-        else:
-            step_times.append(_clocked(s.device, step)[0])
+        _step(s.device, lambda: s.model(input_ids=ids, attention_mask=am, position_ids=pos, cache=cache, use_cache=True), step_times)
 
 
 class _HFRunner:
@@ -604,10 +608,7 @@ def limit_decode(model, cache, plan: LimitPlan, batch: int, decode_id: int, step
         model.get_output_embeddings()(dec.norm(hidden))
 
     for t in range(steps):
-        if step_times is None:
-            step(t)
-        else:
-            step_times.append(_clocked(device, lambda: step(t))[0])
+        _step(device, lambda: step(t), step_times)
 
 
 class _LimitRunner:
@@ -1099,12 +1100,14 @@ def format_report(rep: dict[str, Any]) -> str:
         return f"{value:.1f}"
 
     # Measurements that were not made are said so, not printed as nan rows.
-    decode_rows = ("decode_tokens_per_s", "generate_s", "kv_cache_bytes_after_decode", "decode_flops")
-    notes = ["nothing decoded (new tokens 0)"] if not rep["new_tokens"] else []
-    if rep["new_tokens"] and m["generate_s"]["baseline"] != m["generate_s"]["baseline"]:
-        notes.append("generate not timed")
+    if not rep["new_tokens"]:
+        notes, skip = ["nothing decoded (new tokens 0)"], {"decode_tokens_per_s", "generate_s", "kv_cache_bytes_after_decode", "decode_flops"}
+    elif m["generate_s"]["baseline"] != m["generate_s"]["baseline"]:  # nan: --no-generate
+        notes, skip = ["generate not timed"], {"generate_s"}
+    else:
+        notes, skip = [], set()
     for key, row in m.items():
-        if (key in decode_rows and not rep["new_tokens"]) or (key == "generate_s" and "generate not timed" in notes):
+        if key in skip:
             continue
         ci = (f"  {row['ci'][0]:.3f}-{row['ci'][1]:.3f} ({100 * row['ci_level']:.0f}%), min-based {row['min_based']:.3f}, "
               f"a rerun: {row['rerun'][0]:.3f}-{row['rerun'][1]:.3f} ({100 * row['rerun_level']:.1f}%)") if "ci" in row else ""

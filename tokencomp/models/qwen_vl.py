@@ -75,8 +75,8 @@ class QwenVLAdapter(ModelAdapter):
         )
 
     def vision_groups(self, vision_mask, call_kwargs):
-        pos = call_kwargs.get("position_ids")
-        if pos is not None and pos.ndim == 3 and pos.shape[-1] == vision_mask.shape[1]:
+        pos = _mrope_ids(call_kwargs, vision_mask.shape[1])
+        if pos is not None:
             # generate() passes M-RoPE ids [text;] t, h, w: a new frame starts where t changes.
             t = pos[-3]
             changed = torch.nn.functional.pad(t[:, 1:] != t[:, :-1], (1, 0), value=True)
@@ -131,8 +131,8 @@ class QwenVLAdapter(ModelAdapter):
         return torch.where(video, which, torch.full_like(which, -1))
 
     def vision_grid_widths(self, vision_mask, groups, call_kwargs):
-        pos = call_kwargs.get("position_ids")
-        if pos is not None and pos.ndim == 3 and pos.shape[-1] == vision_mask.shape[1]:
+        pos = _mrope_ids(call_kwargs, vision_mask.shape[1])
+        if pos is not None:
             # M-RoPE ids (generate passes them): a group's tokens span its grid's columns on the w axis.
             w = pos[-1].to(vision_mask.device).long()
             g = groups.clamp(min=0)  # group numbers are < L: an (B, L) table holds them without a sync
@@ -226,6 +226,13 @@ class Qwen3VLAdapter(QwenVLAdapter):
                 del decoder._deepstack_process
 
         return undo
+
+
+def _mrope_ids(call_kwargs, length: int) -> "torch.Tensor | None":
+    """The call's M-RoPE position ids ``([text;] t, h, w, B, L)``, as generate passes them for the
+    whole prompt, or None (a plain forward: the model derives them from the grids itself)."""
+    pos = call_kwargs.get("position_ids")
+    return pos if pos is not None and pos.ndim == 3 and pos.shape[-1] == length else None
 
 
 def _tower(model):
