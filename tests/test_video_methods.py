@@ -16,11 +16,12 @@ import tokencomp
 from tokencomp.accounting import tokens_per_layer
 from tokencomp.interfaces import LayerView
 from tokencomp.mergers.holitom import HoliTomInnerMerger
+from tokencomp.mergers.fastvid import FastVIDMerger
 from tokencomp.mergers.recycle import RecycleMerger, cluster_members, dpc_knn, shared_plan, top_stable
 from tokencomp.ranking import best_mask
 from tokencomp.scorers.dycoke import DyCokeScorer, ttm_passes, ttm_references, video_frames, video_index
 from tokencomp.scorers.fastvid import fastvid_plan, segments
-from tokencomp.scorers.holitom import holitom_plan, run_lengths, static_windows
+from tokencomp.scorers.holitom import holitom_plan, run_lengths, salience, static_windows
 from tokencomp.scorers.prunevid import prunevid_plan
 from tokencomp.testing import build_tiny, make_inputs, suppress_ids, take_sample, vision_token_ids
 
@@ -164,6 +165,57 @@ def test_fastvid_segments_reference():
             sizes.append(t + 1 - start)
             start = t + 1
     assert segments(x, 4, 0.5) == sizes
+
+
+def fastvid_reference(x, keep, c, tau, d, p, beta, k=4):
+    """Literal loops of FastVID's STPrune + DTM (modeling_qwen2.py L930-L1060) on frames ``x`` (T, P, D):
+    ``{(frame, token): merged state}`` of every context token. Each anchor frame's context tokens take
+    the mean of *all* the segment's non-salient tokens most similar to them (other anchors' context
+    tokens included)."""
+    T, P, _ = x.shape
+    sal = salience(x)
+    retain = int(P * keep)
+    n_sal = retain - int(retain * d)
+    n_ctx = retain - n_sal
+    top = top_stable(sal, n_sal)
+    ref, start = {}, 0
+    for L in segments(x, c, tau):
+        anchors = [start + j for j in range(L) if (L - 1 - j) % p == 0]
+        per_anchor = n_ctx * L // len(anchors)
+        rest = [[q for q in range(P) if q not in top[t].tolist()] for t in range(start, start + L)]
+        seg = torch.stack([x[start + i, q] for i in range(L) for q in rest[i]])
+        for a in anchors:
+            fa = rest[a - start]
+            score, _ = dpc_knn(x[a, fa], k)
+            ctx = top_stable(score, per_anchor)
+            ctx_x = x[a, fa][ctx]
+            sim = torch.nn.functional.normalize(seg, dim=-1) @ torch.nn.functional.normalize(ctx_x, dim=-1).T
+            assign = sim.argmax(1)
+            for j in range(per_anchor):
+                m = seg[assign == j]
+                w = max(beta, 1 / (m.shape[0] + 1))
+                ref[(a, fa[int(ctx[j])])] = w * ctx_x[j] + (1 - w) * m.mean(0) if m.shape[0] else ctx_x[j]
+        start += L
+    return ref
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fastvid_merge_matches_official_loops(seed):
+    """DTM with several anchor frames per segment (p = 2): every context token equals the official
+    blend, whose mean counts the other anchors' context tokens too (they are kept: a merge that left
+    kept members out, as the other merging methods do, differs here)."""
+    T, P, D, prefix = 8, 20, 16, 3
+    c, tau, d, p, beta = 2, -1.0, 0.4, 2, 0.6
+    view = video_view(T=T, P=P, D=D, prefix=prefix, suffix=2, seed=seed, keep=0.5)
+    x = view.hidden[0, prefix : prefix + T * P].view(T, P, D)
+    assert max(segments(x, c, tau)) >= 3  # some segment has two anchor frames
+    ((score, _),) = fastvid_plan(view, c, tau, d, p)
+    kept = (score >= 4.0)[None] & view.vision_mask  # FastVID's own tokens (the budget equals them)
+    out, _ = FastVIDMerger(c=c, tau=tau, d=d, p=p, beta=beta).merge(view, kept, view.vision_mask & ~kept, torch.zeros(1, dtype=torch.long))
+    ref = fastvid_reference(x, 0.5, c, tau, d, p, beta)
+    assert len(ref) > 0
+    for (t, q), want in ref.items():
+        assert torch.allclose(out[0, prefix + t * P + q], want, atol=1e-5), (t, q)
 
 
 def test_prunevid_static_positions_and_merge():

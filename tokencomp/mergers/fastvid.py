@@ -2,7 +2,9 @@
 ``fastvid_llavaonevision/LLaVA-NeXT/llava/model/language_model/modeling_qwen2.py`` L987-L1060):
 every non-salient token of a segment goes to its most cosine-similar context token of each anchor
 frame, and a kept context token becomes ``w·x + (1 − w)·mean(assigned)`` with
-``w = max(β, 1 / (assigned + 1))`` (the context token is one of its own assigned tokens). Segments,
+``w = max(β, 1 / (assigned + 1))`` (the context token is one of its own assigned tokens). The mean
+counts every assigned token, also those that stay on their own (another anchor frame's context tokens,
+tokens a larger budget keeps), as the official code averages all non-salient tokens. Segments,
 salient and context tokens are those of the ``fastvid`` scorer: use the same parameters."""
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class FastVIDMerger(Merger):
     def merge(self, view: LayerView, kept, dropped, summary):
         out = view.hidden.clone()
         for b, (_, merges) in enumerate(shared_plan(fastvid_plan, view, self.c, self.tau, self.d, self.p)):
-            apply_merges(view.hidden, out, b, kept, merges, beta=self.beta)
+            apply_merges(view.hidden, out, b, kept, merges, beta=self.beta, kept_members=True)
         return out, torch.zeros_like(kept)
 
 

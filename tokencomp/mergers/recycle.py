@@ -150,18 +150,22 @@ def pack_merges(slots: list, members: list, owner: list, device) -> tuple[torch.
     return torch.cat(slots), torch.cat(members), torch.cat(owner)
 
 
-def apply_merges(h: torch.Tensor, out: torch.Tensor, b: int, kept: torch.Tensor, merges, beta=None) -> None:
+def apply_merges(h: torch.Tensor, out: torch.Tensor, b: int, kept: torch.Tensor, merges, beta=None,
+                 kept_members: bool = False) -> None:
     """Write merged states into ``out[b]``: ``merges`` is ``(slots (M,), members (E,), owner (E,))``,
     sequence indices of the merge targets (distinct), of the member tokens and the target each member
     goes to. A kept slot becomes the mean of its members, itself and the dropped ones (``beta``:
     FastVID's ``w·x + (1 − w)·mean`` with ``w = max(beta, 1 / (members + 1))``); slots the selector
-    dropped are left alone. No host sync: excluded members add exact zeros, each slot's sum still
-    adds its members in list order."""
+    dropped are left alone. Members the selector kept (other than the slot) are left out of the mean,
+    unless ``kept_members``: FastVID averages every listed member, including tokens that survive on
+    their own (another anchor's context tokens). No host sync: excluded members add exact zeros,
+    each slot's sum still adds its members in list order."""
     slots, members, owner = merges
     if slots.numel() == 0:
         return
-    # Kept tokens other than the target survive on their own: not merged into it.
-    own = ((~kept[b, members]) | (members == slots[owner])).float()
+    # Kept tokens other than the target survive on their own: not merged into it (unless the
+    # method's own means count them, see kept_members).
+    own = torch.ones_like(members, dtype=torch.float32) if kept_members else ((~kept[b, members]) | (members == slots[owner])).float()
     hb = h[b].float()
     # scatter_add_ with a row-expanded index adds in the same (list) order as index_add_ over rows, in
     # one kernel: on CPU index_add_ dispatches per member row (3x slower for FastVID's ~5 rows per token).
