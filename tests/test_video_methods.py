@@ -101,6 +101,84 @@ def test_holitom_windows_maximise_saved_tokens():
         assert saved == best == sum(gain(s, e) for s, e in windows)
 
 
+def holitom_static_video(T=6, P=12, D=8, static=8, seed=4):
+    """A video view whose first ``static`` positions barely change over the frames (HoliTom's static tokens)."""
+    view = video_view(T=T, P=P, D=D, prefix=3, suffix=2, seed=seed, keep=0.3)
+    h = view.hidden.clone()
+    g = torch.Generator().manual_seed(seed + 1)
+    base = torch.randn(static, D, generator=g)
+    for t in range(T):
+        h[0, 3 + t * P : 3 + t * P + static] = base + 0.01 * torch.randn(static, D, generator=g)
+    return LayerView(**{**view.__dict__, "hidden": h})
+
+
+def holitom_reference(x, keep, tau, beta, blend=True, k=7):
+    """Literal loops of HoliTom's outer static merge (llava_arch.py L100-L150, L199-L213, L295-L303):
+    ``{(frame, position): merged state}`` of every static cluster centre (in its window's first frame)."""
+    T, P, _ = x.shape
+    sim = torch.nn.functional.cosine_similarity(x[:-1], x[1:], dim=-1)
+    windows, saved = static_windows(sim, tau, 1024)
+    r = min(keep / ((T * P - saved) / (T * P)), 1.0)
+    out = {}
+    for s, e in windows:
+        if e == s:
+            continue
+        static = [l for l in range(P) if all(float(sim[t, l]) > tau for t in range(s, e))]
+        c = round(len(static) * r)
+        if c <= 0:
+            continue
+        feats = torch.stack([x[s : e + 1, l].mean(0) for l in static])  # window means
+        score, dist = dpc_knn(feats, min(k, c))
+        centres = top_stable(score, c).tolist()
+        others = [i for i in range(len(static)) if i not in centres]
+        near = {i: min(range(c), key=lambda j: (float(dist[i, centres[j]]), j)) for i in others}
+        for j, ci in enumerate(centres):
+            members = [feats[i] for i in others if near[i] == j]
+            if not members:
+                merged = feats[ci]
+            elif blend:
+                merged = beta * feats[ci] + (1 - beta) * torch.stack(members).mean(0)
+            else:
+                merged = torch.stack([feats[ci]] + members).mean(0)
+            out[(s, static[ci])] = merged
+    return out
+
+
+@pytest.mark.parametrize("blend", [True, False])
+def test_holitom_static_merge_matches_official_loops(blend):
+    """Each kept static centre is the official β blend of its cluster's window means (``NO_BETA``
+    unset, β = 0.6), or with ``blend: false`` the plain mean (``NO_BETA=1``)."""
+    from tokencomp.mergers.holitom import HoliTomMerger
+
+    T, P = 6, 12
+    view = holitom_static_video(T, P)
+    x = view.hidden[0, 3 : 3 + T * P].view(T, P, -1)
+    ref = holitom_reference(x, 0.3, 0.8, 0.6, blend)
+    assert ref
+    kept = torch.zeros_like(view.vision_mask)
+    for t, l in ref:
+        kept[0, 3 + t * P + l] = True
+    out, _ = HoliTomMerger(tau=0.8, blend=blend).merge(view, kept, view.vision_mask & ~kept, torch.zeros(1, dtype=torch.long))
+    for (t, l), want in ref.items():
+        assert torch.allclose(out[0, 3 + t * P + l], want, atol=1e-5), (t, l)
+
+
+def test_holitom_budget_below_its_count_trims_dynamic_tokens_not_clusters():
+    """A budget below HoliTom's own count (its per-frame ceil) drops dynamic tokens: every static
+    cluster centre (which stands for its whole cluster over the window) stays."""
+    from tokencomp.scorers.holitom import HoliTomScorer
+
+    T, P = 6, 12
+    view = holitom_static_video(T, P)
+    x = view.hidden[0, 3 : 3 + T * P].view(T, P, -1)
+    centres = {3 + t * P + l for t, l in holitom_reference(x, 0.3, 0.8, 0.6)}
+    scores = HoliTomScorer(tau=0.8).score(view)
+    own = int((scores[0] >= 4.0).logical_and(view.vision_mask[0]).sum())
+    assert own > len(centres) + 3
+    kept = best_mask(scores, view.vision_mask, torch.tensor([len(centres) + 3]))[0]  # far below its count
+    assert centres and centres <= set(kept.nonzero().flatten().tolist())
+
+
 def test_holitom_inner_is_the_official_running_average():
     torch.manual_seed(2)
     view = video_view(T=2, P=8)
@@ -421,7 +499,7 @@ def test_separated_frames_give_the_contiguous_result(method):
         # Position in the contiguous view of every vision token of the separated one.
         where = torch.full((gapped.hidden.shape[1],), -1)
         where[gapped.vision_mask[b]] = flat.vision_mask[b].nonzero().flatten()
-        (score, merges), (score_flat, merges_flat) = plans[0][b], plans[1][b]
+        (score, merges, *_), (score_flat, merges_flat, *_) = plans[0][b], plans[1][b]
         assert torch.equal(score[gapped.vision_mask[b]], score_flat[flat.vision_mask[b]])
         if merges is not None:
             assert torch.equal(where[merges[0]], merges_flat[0]) and torch.equal(where[merges[1]], merges_flat[1])
@@ -482,7 +560,7 @@ def test_plans_same_in_a_batch_as_alone(plan, layout):
     plans = make(view, *params)
     for b in range(3):
         alone, pad = sample_view(view, b)
-        ((score, merges),) = make(alone, *params)
+        ((score, merges, *_),) = make(alone, *params)
         assert torch.equal(plans[b][0][pad:], score)
         for got, want in zip(plans[b][1][:2], merges[:2]):
             assert torch.equal(got, want + pad)
@@ -672,7 +750,7 @@ def test_qwen3_video_frames_are_found(method, seen_videos):
         assert video_index(dataclasses.replace(view, videos=None)) == [[], []]  # the guess: images only
         if method in DEFAULT_PLANS:
             make, params = DEFAULT_PLANS[method]
-            for b, (_, (slots, members, _)) in enumerate(make(view, *params)):
+            for b, (_, (slots, members, _), *_) in enumerate(make(view, *params)):
                 assert set(slots.tolist()) | set(members.tolist()) <= set(frames[b].flatten().tolist())
     for b in range(2):
         for frame in frames[b]:

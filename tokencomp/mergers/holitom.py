@@ -1,8 +1,10 @@
 """HoliTom's mergers (cokeshao/HoliTom @ e9b2972).
 
 ``holitom`` (outside the LLM, with the ``holitom`` scorer and the same parameters): each kept static
-cluster centre becomes the mean of its cluster, i.e. of every member position's tokens over the
-window's frames (``holitom/llava_arch.py`` L100-L150 with ``NO_BETA=1``, the mean of window means).
+cluster centre becomes ``β · c + (1 − β) · m``, ``c`` its own position's mean over the window's frames
+and ``m`` the mean of the other member positions' window means, or ``c`` alone in a one-position
+cluster (``holitom/llava_arch.py`` L100-L150 as shipped: ``NO_BETA`` unset, ``BETA = 0.6``);
+``blend: false`` gives the ``NO_BETA=1`` variant, the mean of all the cluster's window means.
 
 ``holitom_inner`` (inside the LLM, ``holitom/modeling_qwen2.py`` L146-L183): each dropped vision
 token, in sequence order, is folded into its most cosine-similar kept token by a running pairwise
@@ -19,13 +21,13 @@ import torch
 
 import tokencomp
 from tokencomp.interfaces import LayerView, Merger
-from tokencomp.mergers.recycle import apply_merges, shared_plan
+from tokencomp.mergers.recycle import member_sums, shared_plan
 from tokencomp.scorers.holitom import holitom_plan
 
 
 @dataclass(frozen=True)
 class HoliTomMerger(Merger):
-    """HoliTom static tokens: each kept centre becomes the mean of its static cluster over the window."""
+    """HoliTom static tokens: each kept centre becomes the β blend of its static cluster over the window."""
 
     name = "holitom"
 
@@ -34,10 +36,29 @@ class HoliTomMerger(Merger):
     max_window: int = field(default=1024, metadata={"min": 2})
     """The ``holitom`` scorer's ``max_window``."""
 
+    blend: bool = True
+    """The official default (``NO_BETA`` unset): ``beta · centre + (1 − beta) · mean(other members)``;
+    false: the plain mean of the cluster, centre included (``NO_BETA=1``)."""
+    beta: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})
+    """Weight of the centre's own window mean in the blend (official ``BETA``)."""
+
     def merge(self, view: LayerView, kept, dropped, summary):
         out = view.hidden.clone()
-        for b, (_, merges) in enumerate(shared_plan(holitom_plan, view, self.tau, self.max_window)):
-            apply_merges(view.hidden, out, b, kept, merges)
+        for b, (_, (slots, members, owner), core) in enumerate(shared_plan(holitom_plan, view, self.tau, self.max_window)):
+            if slots.numel() == 0:
+                continue
+            hb = view.hidden[b].float()
+            # Every member counts (the official means take the whole cluster), also a member a larger
+            # budget keeps on its own; equal frame counts per position make token means window means.
+            c_sum, c_n = member_sums(hb, members, owner, core.float(), slots.numel())
+            r_sum, r_n = member_sums(hb, members, owner, (~core).float(), slots.numel())
+            if self.blend:
+                centre = c_sum / c_n.clamp(min=1)[:, None]
+                rest = r_sum / r_n.clamp(min=1)[:, None]
+                merged = torch.where(r_n[:, None] > 0, self.beta * centre + (1 - self.beta) * rest, centre)
+            else:
+                merged = (c_sum + r_sum) / (c_n + r_n).clamp(min=1)[:, None]
+            out[b, slots] = torch.where(kept[b, slots, None], merged.to(out.dtype), out[b, slots])
         return out, torch.zeros_like(kept)
 
 

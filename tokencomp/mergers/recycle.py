@@ -150,6 +150,16 @@ def pack_merges(slots: list, members: list, owner: list, device) -> tuple[torch.
     return torch.cat(slots), torch.cat(members), torch.cat(owner)
 
 
+def member_sums(hb: torch.Tensor, members: torch.Tensor, owner: torch.Tensor, weight: torch.Tensor, slots: int):
+    """``(sums (M, D), counts (M,))``: the ``weight``-ed (0 / 1) states ``hb[members]`` summed per owner
+    slot, and how many were counted, in member list order."""
+    # scatter_add_ with a row-expanded index adds in the same (list) order as index_add_ over rows, in
+    # one kernel: on CPU index_add_ dispatches per member row (3x slower for FastVID's ~5 rows per token).
+    d = hb.shape[-1]
+    sums = torch.zeros(slots, d, device=hb.device).scatter_add_(0, owner[:, None].expand(-1, d), hb[members] * weight[:, None])
+    return sums, torch.zeros(slots, device=hb.device).index_add_(0, owner, weight)
+
+
 def apply_merges(h: torch.Tensor, out: torch.Tensor, b: int, kept: torch.Tensor, merges, beta=None,
                  kept_members: bool = False) -> None:
     """Write merged states into ``out[b]``: ``merges`` is ``(slots (M,), members (E,), owner (E,))``,
@@ -167,11 +177,7 @@ def apply_merges(h: torch.Tensor, out: torch.Tensor, b: int, kept: torch.Tensor,
     # method's own means count them, see kept_members).
     own = torch.ones_like(members, dtype=torch.float32) if kept_members else ((~kept[b, members]) | (members == slots[owner])).float()
     hb = h[b].float()
-    # scatter_add_ with a row-expanded index adds in the same (list) order as index_add_ over rows, in
-    # one kernel: on CPU index_add_ dispatches per member row (3x slower for FastVID's ~5 rows per token).
-    d = hb.shape[-1]
-    sums = torch.zeros(slots.numel(), d, device=h.device).scatter_add_(0, owner[:, None].expand(-1, d), hb[members] * own[:, None])
-    cnt = torch.zeros(slots.numel(), device=h.device).index_add_(0, owner, own)
+    sums, cnt = member_sums(hb, members, owner, own, slots.numel())
     mean = sums / cnt.clamp(min=1)[:, None]
     if beta is not None:
         w = torch.clamp(1.0 / (cnt + 1), min=beta)[:, None]

@@ -13,16 +13,21 @@ pooled tokens ``X``:
 * ``r′ = min(r / ((T·N − saved) / (T·N)), 1)`` (L388-L390);
 * a window of ≥ 2 frames: static positions (``sim > τ`` throughout, L295-L297) become their mean over
   the window (L303), then ``round(n_static · r′)`` DPC-kNN clusters (``k = min(7, clusters)``), each
-  the mean of its members, centre included (``NO_BETA=1`` default, L100-L150, L199-L213);
+  merged with the β blend of ``merge_tokens_by_clustering`` (L100-L150, L199-L213: the ``NO_BETA``
+  switch of L137 defaults to "0", the blend; the ``"1"`` of L356 only feeds a log line):
+  ``β · centre + (1 − β) · mean(other members)`` over window means, β = 0.6 (``BETA``);
 * dynamic tokens: each frame keeps ``ceil(n_dyn · r′)`` by the ViT attention (``D = 0``: all dominant,
   none merged, L152-L161).
 
-Here ``r`` is the stage's keep ratio and the kept set is scored in tiers (4 + salience for HoliTom's
-tokens, salience below), so ``topk`` keeps it when the stage budget equals its count and fills or
-trims by salience otherwise. A static cluster sits in its centre's slot in the window's first frame.
+Here ``r`` is the stage's keep ratio and the kept set is scored in tiers (cluster centres 6 + their
+density score, HoliTom's dynamic tokens 4 + salience, salience below), so ``topk`` keeps it when the
+stage budget equals its count, fills by salience when larger, and trims dynamic tokens first when
+smaller (the official count, with its per-frame ``ceil``, is usually a little above ``int(n · keep)``). A static cluster sits in its centre's slot in the window's first frame.
 Deviations: the ViT attention is not available: salience is the dot product of a token with its
-frame's normalised mean embedding; the input embeddings (after the projector) replace the pooled
-ViT features; no density noise; tokens outside a video (images, the newline) are always kept.
+frame's normalised mean embedding (the features themselves are the official ones: the projector's
+pooled outputs, the LLM input embeddings); no density noise; tokens outside a video (images, the
+newline) are always kept; the official sequence puts a window's static tokens first, then its
+dynamic tokens frame by frame, here every token stays in its frame's order.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ import tokencomp
 from tokencomp.interfaces import LayerView, Scorer
 from tokencomp.mergers.recycle import cluster_members, dpc_knn, pack_merges, shared_plan, top_stable
 from tokencomp.scorers.dycoke import KEEP, frame_states, video_index
+
+CENTRE = 6.0
+"""Score tier of static cluster centres: above HoliTom's dynamic tokens (4 + salience), below ``KEEP``."""
 
 
 def salience(x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +99,9 @@ def static_windows(sim: torch.Tensor, tau: float, max_window: int) -> tuple[list
 
 
 def holitom_plan(view: LayerView, tau: float, max_window: int, k: int = 7):
-    """Per sample: ``(scores (S,), merges)`` (see :func:`tokencomp.mergers.recycle.apply_merges`).
+    """Per sample: ``(scores (S,), merges, core)``: ``merges`` as :func:`tokencomp.mergers.recycle.apply_merges`
+    reads them, ``core`` (E,) bool marks the members at their cluster centre's own position (the
+    centre's window mean, which the official β blend weighs apart from the other members).
 
     Batched over the frames of a video: static positions of every window and the dynamic top tokens of
     every frame at once; the clustering loops over the windows that have static tokens."""
@@ -100,7 +110,7 @@ def holitom_plan(view: LayerView, tau: float, max_window: int, k: int = 7):
     plans = []
     for b, videos in enumerate(video_index(view)):
         score = torch.full(view.vision_mask.shape[1:], KEEP, device=dev)
-        slots, members, owner = [], [], []
+        slots, members, owner, core = [], [], [], []
         n_slots = 0
         for idx in videos:  # (T, P)
             T, P = idx.shape
@@ -132,14 +142,18 @@ def holitom_plan(view: LayerView, tau: float, max_window: int, k: int = 7):
                 centres = top_stable(cscore, c)
                 assign = cluster_members(dist, centres)
                 cpos = pos[centres]
-                tier[s, cpos] = 4.0 + squash(cscore[centres]) - sal[s, cpos]
+                # Centres rank above the dynamic tokens: a budget below HoliTom's own count (its
+                # per-frame ceil makes it a few more than int(n · keep)) trims single dynamic tokens,
+                # not whole clusters.
+                tier[s, cpos] = CENTRE + squash(cscore[centres]) - sal[s, cpos]
                 # Cluster j's members: its positions' tokens in every frame of the window.
                 slots.append(idx[s, cpos])
                 members.append(idx[s : e + 1][:, pos].flatten())
                 owner.append((assign + n_slots).repeat(e - s + 1))
+                core.append(torch.zeros(len(pos), dtype=torch.bool, device=dev).scatter_(0, centres, True).repeat(e - s + 1))
                 n_slots += c
             score[idx] = tier + sal
-        plans.append((score, pack_merges(slots, members, owner, dev)))
+        plans.append((score, pack_merges(slots, members, owner, dev), torch.cat(core) if core else torch.zeros(0, dtype=torch.bool, device=dev)))
     return plans
 
 
@@ -155,7 +169,7 @@ class HoliTomScorer(Scorer):
     """Longest window (``MAX_WINDOW_SIZE``)."""
 
     def score(self, view: LayerView):
-        return torch.stack([s for s, _ in shared_plan(holitom_plan, view, self.tau, self.max_window)])
+        return torch.stack([plan[0] for plan in shared_plan(holitom_plan, view, self.tau, self.max_window)])
 
 
 @tokencomp.hookimpl
