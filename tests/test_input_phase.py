@@ -162,6 +162,38 @@ def test_renumbered_input_stage_equals_feeding_the_shorter_sequence(family, attn
     assert max_score_diff(got, ref) < 1e-4
 
 
+@pytest.mark.parametrize("mode", ["mask", "evict"])
+def test_decode_stage_after_a_renumbered_input_stage_equals_the_shorter_sequence(mode):
+    """DyCoke's layout on LLaVA-OneVision (TTM before the LLM, renumbered as the official code, then
+    decode-time KV pruning): the same as the untouched model fed the kept tokens alone with the decode
+    stage only, whose vision tokens are the kept ones. Positions of the new tokens, the decode rows
+    and the pruned columns all continue the renumbered sequence."""
+    model = tiny("llava")
+    inputs = make_inputs(model, batch=1)
+    decode = {"phase": "decode", "layer": 3, "keep": 0.5, "mode": mode}
+    rec = recipe([{"phase": "input", "keep": 0.5, "scorer": "random", "renumber": True}, decode])
+    with torch.no_grad(), tokencomp.apply(model, rec) as h:
+        got = model.generate(**inputs, **gen_kwargs(model))
+        kept_idx = h.stats.output_positions[0]
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.setdefault("embeds", args[0] if args else kwargs["hidden_states"])
+
+    hook = model.get_decoder().layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    short = captured["embeds"][:, kept_idx]
+    vision = (inputs["input_ids"] == model.config.image_token_id)[:, kept_idx]
+    assert 0 < int(vision.sum()) < int((inputs["input_ids"] == model.config.image_token_id).sum())
+    with torch.no_grad(), tokencomp.apply(model, recipe([decode])) as h2, h2.vision_mask(vision):
+        ref = model.generate(inputs_embeds=short, attention_mask=torch.ones(1, short.shape[1], dtype=torch.long), **gen_kwargs(model))
+    n_new = len(got.scores)
+    assert torch.equal(got.sequences[0, -n_new:], ref.sequences[0, -n_new:])
+    assert max_score_diff(got, ref) < 1e-4
+
+
 def test_renumbering_differs_from_original_positions_and_batch_equals_single():
     model = tiny("llava")
     inputs = make_inputs(model, batch=3)
