@@ -8,7 +8,8 @@
 #   python benchmarks/tables.py benchmarks/results/cpu --update BENCHMARKS.md
 #   python benchmarks/tables.py benchmarks/results/scaling --scaling --update BENCHMARKS.md
 #   python benchmarks/tables.py benchmarks/results/video --update BENCHMARKS.md
-# Usage: benchmarks/run-cpu.sh [cpu|scaling|input|video]...   (default: cpu, input, scaling)
+#   python benchmarks/tables.py benchmarks/results/video-batch --scaling --update BENCHMARKS.md
+# Usage: benchmarks/run-cpu.sh [cpu|scaling|input|video|video-batch]...   (default: cpu, input, scaling)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TC=${TC:-.venv/bin/tokencomp}
@@ -46,5 +47,11 @@ video)  # the video methods side by side: 6272 tokens as 32 frames, a narrow 28-
   for r in $(< benchmarks/video-recipes.txt); do  # the shipped video recipes compared (one list for CPU and GPU)
     run video "${r//\//-}" "$r" --synthetic "$OV" --vision-tokens 6272 --frames 32 --text-tokens 40 --repeat $ROUNDS --new-tokens 32 --no-generate
   done ;;
-*) echo "unknown group $g (cpu, input, scaling, video)" >&2; exit 2 ;;
+video-batch)  # decode as the batch grows: a decode step's fixed cost (the model's per-layer work, the same at
+  # any cache length) is paid once per step for the whole batch, the cache reads once per sample
+  OV="llava-onevision-7b:layers=28,hidden=128,heads=2,kv_heads=1,intermediate=256"
+  for b in 1 2 4; do
+    run video-batch v2drop-25-b$b v2drop/llava-onevision-7b-video-25 --synthetic "$OV" --vision-tokens 6272 --frames 32 --text-tokens 40 --batch $b --repeat $ROUNDS --new-tokens 32 --no-generate
+  done ;;
+*) echo "unknown group $g (cpu, input, scaling, video, video-batch)" >&2; exit 2 ;;
 esac; done

@@ -100,10 +100,12 @@ def scaling(folder: Path) -> str:
         return "(no results)"
     by_tokens = [r for r in reps if r["batch"] == 1]
     by_batch = sorted((r for r in reps if r["vision_tokens"] == min(x["vision_tokens"] for x in reps)), key=lambda r: r["batch"])
-    lines = [preamble(reps), "", "**As the vision tokens grow** (batch 1):", "", SCALING_HEADER]
-    lines += [scaling_row(r) for r in by_tokens]
-    lines += ["", f"**As the batch grows** ({by_batch[0]['vision_tokens']} vision tokens):", "", SCALING_HEADER]
-    lines += [scaling_row(r) for r in by_batch]
+    lines = [preamble(reps)]
+    # A section of one row scales nothing (a batch-only run has a single batch-1 row): it is left out.
+    for title, rows in (("**As the vision tokens grow** (batch 1):", by_tokens),
+                        (f"**As the batch grows** ({by_batch[0]['vision_tokens']} vision tokens):", by_batch)):
+        if len(rows) > 1:
+            lines += ["", title, "", SCALING_HEADER] + [scaling_row(r) for r in rows]
     return "\n".join(lines)
 
 
