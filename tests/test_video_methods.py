@@ -54,6 +54,30 @@ def dycoke_reference(x, keep_ratio, P):
     return kept
 
 
+def test_dycoke_says_when_the_budget_is_not_its_own_count(monkeypatch):
+    """The shipped keep 0.4941 is DyCoke's count at 32 OneVision frames only: at 16 frames the stage
+    would keep fewer tokens than DyCoke, which is said (with the keep ratio that fits); the keep
+    suggested gives DyCoke's count, and 32 frames say nothing."""
+    import re
+    import warnings
+
+    import tokencomp.scorers.dycoke as dycoke
+    from tokencomp.accounting import kept_count
+
+    monkeypatch.setattr(dycoke, "_SAID", set())  # said once per kind of input and process
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DyCokeScorer().score(video_view(T=32, P=196, D=8, keep=0.4941))
+    view = video_view(T=16, P=196, D=8, keep=0.4941)
+    with pytest.warns(UserWarning, match=r"keeps 1618 of its 3136 .* keeps 1549 \(fewer") as got:
+        scores = DyCokeScorer().score(view)
+    keep = float(re.search(r"keep: ([0-9.]+) gives", str(got[0].message)).group(1))
+    assert kept_count(3136, keep) == 1618 == int(((scores >= 4.0) & view.vision_mask).sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DyCokeScorer().score(dataclasses.replace(view, keep=keep))
+
+
 @pytest.mark.parametrize("T", [8, 12])
 def test_dycoke_matches_official_loops(T):
     P = 6

@@ -16,7 +16,12 @@ Quirks reproduced: the ``num_frames − 4`` bound skips the last group's (i, i+2
 frames frame 30 stays whole (9 whole frames, 23 of 58: 3098 tokens; ``skip_last_group: false``
 gives the bound ``i + 2 < num_frames``). Not reproduced: an odd last frame (officially dropped) stays
 whole here; the newline token (appended after TTM officially) is a token with no counterpart and is
-always kept, like every vision token outside a video (images); ties go to the earlier token.
+always kept, like every vision token outside a video (images); ties go to the earlier token; a
+pruned frame's kept tokens stay in spatial order (officially in ``topk`` order, lowest similarity
+first: with the contiguous positions of the official sequence, their positions differ within the
+frame). The stage keeps ``int(n · keep)``: the shipped keep ratios give DyCoke's own count for their
+frame count only; for any other input (other frame counts, images beside the video) the scorer says
+so with a warning that gives the keep ratio matching that input.
 
 Score tiers (so ``topk`` with the stage budget keeps DyCoke's set when the budget equals its count,
 and degrades gracefully otherwise): 8 for whole-frame / unmatched / non-video tokens, ``4 + (1 − cos)``
@@ -30,11 +35,13 @@ larger: the OneVision newline). The stage-2 decode-time KV pruning comes with th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 import tokencomp
+from tokencomp.accounting import kept_count
 from tokencomp.errors import UnsupportedModelError
 from tokencomp.interfaces import LayerView, Scorer
 
@@ -177,7 +184,37 @@ class DyCokeScorer(Scorer):
                 order = torch.sort(sim, dim=-1, stable=True).indices  # lowest similarity first
                 tier = torch.full_like(sim, LOW).scatter_(1, order[:, :keep], HIGH)
                 out[b, torch.cat([idx[1 : 2 * m1 : 2], idx[2::4][:m2]])] = tier + (1 - sim)
+        _warn_if_budget_differs(out, view)
         return out
+
+
+_SAID: set = set()
+
+
+def _warn_if_budget_differs(scores: torch.Tensor, view: LayerView) -> None:
+    """Say so when the stage's budget ``int(n · keep)`` is not DyCoke's own count for this input (a
+    fixed ratio fits one frame count: 0.4941 is 32 OneVision frames; images beside a video take
+    budget the official code leaves them outside of). One host sync per stage."""
+    if view.keep >= 1.0:
+        return  # everything stays: the stage is switched off, not mis-sized
+    vis = view.vision_mask
+    n = vis.sum(1)
+    own = ((scores >= HIGH) & vis).sum(1)
+    budget = kept_count(n, view.keep)
+    if not bool((own != budget).any()):
+        return
+    b = int((own != budget).nonzero()[0, 0])
+    x, total, got = int(own[b]), int(n[b]), int(budget[b])
+    if (x, total, got) in _SAID:
+        return  # once per kind of input (an evaluation repeats its frame count)
+    _SAID.add((x, total, got))
+    warnings.warn(
+        f"tokencomp: DyCoke: sample {b} keeps {x} of its {total} vision tokens under DyCoke's own rule "
+        f"({len(video_index(view)[b])} video(s); tokens outside a video are all kept), but the stage's keep "
+        f"{view.keep:g} keeps {got} ({'fewer' if got < x else 'more'}, by score); keep: {(x + 0.5) / total:.6f} "
+        "gives DyCoke's count for this input (shipped recipes are for a set frame count)",
+        stacklevel=2,
+    )
 
 
 @tokencomp.hookimpl
