@@ -374,6 +374,34 @@ def test_sparsevlm_raters_are_text_tokens_after_the_image_and_fall_back_to_the_l
     assert s[0, 2] == pytest.approx(0.5) and s[0, 3] == pytest.approx(0.25) and s[1, 4] == pytest.approx(0.8)
 
 
+def test_sparsevlm_raters_are_chosen_against_all_the_prompts_vision_tokens():
+    """At a later stage (vision tokens already dropped) the raters are those the whole prompt gives,
+    as the official code picks them once from all the image embeddings: the view's prompt fields,
+    mapped to the current sequence. Negative control: the same tokens judged against the surviving
+    vision tokens only pick other raters."""
+    import dataclasses
+
+    g = torch.Generator().manual_seed(0)
+    B, V, T, D = 1, 40, 12, 6
+    S = 2 + V + T
+    emb = torch.randn(B, S, D, generator=g)
+    vision = torch.zeros(B, S, dtype=torch.bool)
+    vision[:, 2 : 2 + V] = True
+    full = make_view(emb, vision=vision, embeddings=emb, last=torch.tensor([S - 1]))
+    want = set(SparseVLMScorer().queries(full)[0].tolist()) - {-1}
+    # A stage dropped the 30 vision tokens most like the first text tokens: the survivors differ.
+    alike = (emb[0, 2 : 2 + V] @ emb[0, 2 + V :].T)[:, :6].sum(1)
+    survivors = 2 + torch.sort(torch.topk(-alike, 10).indices).values
+    keep = torch.cat([torch.arange(2), survivors, torch.arange(2 + V, S)])[None]
+    cur = dataclasses.replace(
+        make_view(emb[:, keep[0]], vision=vision[:, keep[0]], embeddings=emb[:, keep[0]], last=torch.tensor([keep.shape[1] - 1])),
+        positions=keep, prompt_embeddings=emb, prompt_vision_mask=vision)
+    got = {int(keep[0, i]) for i in SparseVLMScorer().queries(cur)[0].tolist() if i >= 0}
+    assert got == want
+    alone = {int(keep[0, i]) for i in SparseVLMScorer().queries(dataclasses.replace(cur, prompt_embeddings=None))[0].tolist() if i >= 0}
+    assert alone != want
+
+
 def test_attention_scorers_never_materialise_an_attention_matrix(monkeypatch):
     """FastV / PDrop / SparseVLM on a long prompt (B = 1, S ≈ 1050): inside the decoder, no tensor of
     S²/4 elements or more is ever created (one head's S×S attention matrix would be S²), every
@@ -440,7 +468,8 @@ def test_attention_scorers_never_materialise_an_attention_matrix(monkeypatch):
         if scorer is None:
             continue
         assert len(probe_shapes) == 1 and probe_shapes[0][0] == 1 and probe_shapes[0][2] == S
-        assert probe_shapes[0][1] <= (1 if scorer != "sparsevlm" else SparseVLMScorer().max_raters)
+        n_text = int((inputs["input_ids"] != model.config.image_token_id).sum())
+        assert probe_shapes[0][1] <= (1 if scorer != "sparsevlm" else n_text)  # one row per rater at most
 
 
 # --------------------------------------------------------------------------------------------------

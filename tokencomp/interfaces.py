@@ -54,6 +54,11 @@ class LayerView:
     ``prev_output - prev_hidden`` is what layer ``layer - 1`` did to each token."""
     embeddings: Optional[torch.Tensor] = None
     """``(B, S, D)`` input embeddings of the current tokens (only if the scorer sets ``needs_embeddings``)."""
+    prompt_embeddings: Optional[torch.Tensor] = None
+    """``(B, L, D)`` input embeddings of the whole uncompressed prompt, which ``positions`` index (with
+    ``needs_embeddings``): for what a method decides once from all the prompt's tokens."""
+    prompt_vision_mask: Optional[torch.Tensor] = None
+    """``(B, L)`` bool: the vision tokens of the whole uncompressed prompt (with ``prompt_embeddings``)."""
     attention: Optional[torch.Tensor] = None
     """``(B, Q, S)`` float32 head-averaged attention probabilities of the rows the scorer asked for
     with :meth:`Scorer.queries` (only if the scorer sets ``attention``); rows for ``-1`` queries are 0."""
@@ -98,7 +103,7 @@ class Scorer(_Plugin):
     Class attributes declare what the engine must provide in the :class:`LayerView`:
 
     * ``needs_prev_hidden``: the residual stream that entered the previous layer;
-    * ``needs_embeddings``: the input embeddings of the current tokens;
+    * ``needs_embeddings``: the input embeddings of the current tokens (and of the whole prompt);
     * ``attention``: ``"previous"`` for attention rows of the layer *before* the drop layer (taken
       from that layer's own post-RoPE q/k while it runs), ``"current"`` for rows computed with the
       drop layer's own norm and q/k projections on its input. Rows are chosen by :meth:`queries`;

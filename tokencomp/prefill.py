@@ -173,6 +173,8 @@ class Prefill:
             prev_hidden=prev,
             prev_output=prev_out if prev is not None else None,
             embeddings=emb,
+            prompt_embeddings=self.embeddings,
+            prompt_vision_mask=self.is_vision & self.valid if self.embeddings is not None else None,
             attention=attention,
             keep=stage.keep,
             signals=self._signal_view(idx, stage.scorer) if stage.scorer.signals else {},
