@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tokencomp
+from tokencomp.decode import meta_of
 from tokencomp.errors import RecipeError
 from tokencomp.testing import make_inputs, vision_token_ids
 
@@ -156,3 +157,82 @@ def test_decode_stage_on_video_batch_equals_single_and_keep_1_is_identity(family
         with tokencomp.apply(model, recipe(0.2, mode)):
             batched = model.generate(**inputs, **gen_kwargs(model))
             assert_rows_match_solo(model, inputs, batched)
+
+
+# ------------------------------------------------------------------ evict_earlier (PruneVid's cache)
+
+
+def _hide_in_earlier_layers(model, layer, hidden, columns):
+    """Pre-hooks on the layers before ``layer`` that hide the (B, P) prompt columns ``hidden`` from
+    every query of a decode step: the reference for ``evict_earlier`` (masking, not cache surgery).
+    ``columns[j]``: the original position of each prompt column of layer ``j``'s cache, where an
+    earlier stage compacted it (None: all of them)."""
+    handles = []
+
+    def hook(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        if h.shape[1] != 1:
+            return None  # the prefill: unchanged
+        mask = kwargs.get("attention_mask")
+        j = module.self_attn.layer_idx
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        kv = mask.shape[-1] if mask is not None else cache.layers[j].keys.shape[-2] + 1
+        mine = hidden if columns.get(j) is None else hidden.gather(1, columns[j])
+        hide = torch.nn.functional.pad(mine, (0, kv - mine.shape[1]))[:, None, None, :]
+        if mask is None:
+            mask = ~hide
+        elif mask.dtype == torch.bool:
+            mask = mask & ~hide
+        else:
+            mask = mask.masked_fill(hide, torch.finfo(mask.dtype).min)
+        return args, {**kwargs, "attention_mask": mask}
+
+    for j in range(layer):
+        handles.append(model.get_decoder().layers[j].register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+@pytest.mark.parametrize("family,attn", [("llava", "sdpa"), ("llava", "eager"), ("llava_onevision", "sdpa")])
+@pytest.mark.parametrize("extra", [[], [{"layer": 1, "keep": 0.75}]])
+def test_evict_earlier_equals_hiding_the_dropped_tokens_in_the_earlier_layers(family, attn, extra):
+    """A prefill stage with ``evict_earlier`` removes the tokens it drops from the caches of the layers
+    before it: the generation equals the same recipe without it whose earlier layers are told, by
+    their attention mask, not to look at those tokens while decoding (batch of 2, left padding; with
+    an earlier stage, its layers' cache is compacted twice). Negative control: without either, the
+    generation differs."""
+    model = tiny(family, attn)
+    inputs = make_inputs(model, batch=2, padding="left")
+    stage = {"layer": 3, "keep": 0.4, "scorer": "fastv"}
+    with torch.no_grad():
+        with tokencomp.apply(model, {"schedule": {"stages": [*extra, {**stage, "evict_earlier": True}]}}) as h:
+            got = model.generate(**inputs, **gen_kwargs(model))
+            cache = model(**inputs, use_cache=True).past_key_values
+            lengths = {layer.keys.shape[-2] for layer in cache.layers}
+        with tokencomp.apply(model, {"schedule": {"stages": [*extra, stage]}}) as h:
+            meta = meta_of(model(**inputs, use_cache=True).past_key_values)
+            columns = {j: meta.layers[j].idx if j in meta.layers else None for j in range(3)}
+            kept = h.stats.kept_positions[3]
+            vision = torch.isin(inputs["input_ids"], torch.tensor(vision_token_ids(model)))
+            hidden = vision.clone()
+            for b, k in enumerate(kept):
+                hidden[b, k] = False
+            handles = _hide_in_earlier_layers(model, 3, hidden, columns)
+            try:
+                ref = model.generate(**inputs, **gen_kwargs(model))
+            finally:
+                for x in handles:
+                    x.remove()
+            plain = model.generate(**inputs, **gen_kwargs(model))
+    assert torch.equal(got.sequences, ref.sequences)
+    assert max((a - b)[torch.isfinite(a)].abs().max() for a, b in zip(got.scores, ref.scores)) < 1e-4
+    assert max((a - b)[torch.isfinite(a)].abs().max() for a, b in zip(got.scores[1:], plain.scores[1:])) > 1e-4
+    assert len(lengths) == 1  # every layer's cache holds the kept tokens only
+
+
+def test_evict_earlier_is_for_prefill_stages():
+    for stage in ({"phase": "input", "keep": 0.5, "scorer": "random", "evict_earlier": True},
+                  {"phase": "decode", "layer": 3, "keep": 0.5, "evict_earlier": True}):
+        with pytest.raises(RecipeError, match="evict_earlier"):
+            tokencomp.load_recipe({"schedule": {"stages": [stage]}})
+    with pytest.raises(RecipeError, match="evict_earlier must be true or false"):
+        tokencomp.load_recipe({"schedule": {"stages": [{"layer": 3, "keep": 0.5, "evict_earlier": "yes"}]}})

@@ -188,6 +188,10 @@ class Stage:
     renumber: bool = False
     """Input stages only: give the kept tokens contiguous positions, as the pre-LLM methods' own code
     does by feeding a shorter sequence (default: kept tokens keep their original positions)."""
+    evict_earlier: bool = False
+    """Prefill stages only: once the prefill has run, remove the tokens this stage dropped from the
+    KV cache of the layers *before* it too, so that no layer attends to them while decoding (PruneVid's
+    official code prunes the whole cache). The prefill itself is unchanged."""
     decode: Optional[str] = None
     """For a *decode* stage (``phase: decode``): ``"mask"`` or ``"evict"``. At every generated token,
     layers ``layer`` and later attend to the ``keep`` fraction of the cached vision tokens that the new

@@ -279,7 +279,27 @@ class Prefill:
         self._regather(hidden.dtype)
         if self.cache is not None:
             self._cache_meta()
+            if stage.evict_earlier:
+                self._evict_earlier(stage.layer)
         return hidden
+
+    def _evict_earlier(self, layer: int) -> None:
+        """Compact the caches of the layers before ``layer`` (already filled: they ran) to the tokens
+        this stage kept, and give them its metadata, so decode steps treat them like the layers after."""
+        groups: dict = {}
+        for j in range(layer):
+            if self.cache.layers[j].is_initialized:
+                groups.setdefault(id(self.cache_meta.layers.get(j)), []).append(j)
+        for members in groups.values():
+            old = self.cache_meta.layers.get(members[0])
+            # Where each kept token sits in these layers' cache: both index lists ascend per row, and
+            # every token kept now was there before.
+            order = self.idx if old is None else torch.searchsorted(old.idx.contiguous(), self.idx.contiguous())
+            for j in members:
+                entry = self.cache.layers[j]
+                gather = order[:, None, :, None].expand(-1, entry.keys.shape[1], -1, entry.keys.shape[-1])
+                entry.keys, entry.values = entry.keys.gather(2, gather), entry.values.gather(2, gather)
+                self.cache_meta.layers[j] = self._layer_meta
 
     def _cache_meta(self) -> None:
         """Put this prefill's metadata on the KV cache (once)."""

@@ -39,7 +39,7 @@ from .plugins import PluginRegistry, registry
 EXPLICIT = "explicit"  # the schedule plugin that holds `stages:` lists (the recipe format itself)
 TOP_KEYS = ("name", "description", "scorer", "selector", "schedule", "newlines")
 NEWLINE_POLICIES = ("candidate", "keep", "rows")
-STAGE_KEYS = ("layer", "phase", "keep", "scorer", "selector", "merge", "mode", "renumber")
+STAGE_KEYS = ("layer", "phase", "keep", "scorer", "selector", "merge", "mode", "renumber", "evict_earlier")
 PHASES = ("input", "prefill", "decode")
 DECODE_MODES = ("mask", "evict")
 
@@ -466,7 +466,14 @@ def _parse_stages(value: Any, source: str, line: Optional[int]) -> tuple[Stage, 
             raise RecipeError(f"renumber must be true or false, got {renumber!r}", source=source, line=ilines.get("renumber", sline))
         if renumber and layer != 0:
             raise RecipeError("`renumber:` is for input stages (`phase: input`)", source=source, line=ilines.get("renumber", sline))
-        stages.append(Stage(layer, keep, scorer, selector, line=sline, merger=merger, decode=decode, renumber=renumber))
+        evict_earlier = item.get("evict_earlier", False)
+        if not isinstance(evict_earlier, bool):
+            raise RecipeError(f"evict_earlier must be true or false, got {evict_earlier!r}", source=source, line=ilines.get("evict_earlier", sline))
+        if evict_earlier and (layer == 0 or decode is not None):
+            raise RecipeError("`evict_earlier:` is for prefill stages (`layer: l` with l >= 1): it removes the tokens the "
+                              "stage drops from the KV cache of the layers before it", source=source, line=ilines.get("evict_earlier", sline))
+        stages.append(Stage(layer, keep, scorer, selector, line=sline, merger=merger, decode=decode, renumber=renumber,
+                            evict_earlier=evict_earlier))
     decode_layers = [s.layer for s in stages if s.decode]
     if decode_layers != sorted(set(decode_layers)):
         raise RecipeError(f"decode stage layers must be strictly increasing, got {decode_layers}", source=source, line=line)
@@ -566,6 +573,7 @@ class Recipe:
                 if s.decode
                 else f"{'input' if s.layer == 0 else f'layer {s.layer:>3}'}: keep {s.keep:.4g} of the vision tokens, "
                 f"scorer {s.scorer.name}, selector {s.selector.name}" + (f", merger {s.merger.name}" if s.merger is not None else "")
+                + (", renumbered" if s.renumber else "") + (", evicted from the earlier layers' cache too" if s.evict_earlier else "")
             )
             for s in self.stages(num_layers)
         )

@@ -16,7 +16,9 @@ Official code (Visual-AI/PruneVid @ b12600c, ``models/pllava/modeling_pllava.py`
 
 Stage 2 (``models/pllava/llama.py``, ``elastic_cache.py``): at layer 10 (0-based), ``score_j = max
 over heads and text rows after the video of softmax(q kᵀ/√d)`` (pre-RoPE, no causal mask); each
-window keeps ``int(static · α)`` static and each frame ``int(dynamic · α)`` dynamic tokens, α = 0.4.
+window keeps ``int(static · α)`` static and each frame ``int(dynamic · α)`` dynamic tokens, α = 0.4;
+the dropped tokens leave the KV cache of layers 0-10 too (``elastic_cache.py`` L183-L185): the
+recipes' stage 2 has ``evict_earlier: true``.
 
 Deviations. Stage 1: ``refine_clusters`` (making temporal clusters contiguous by relabelling short
 runs) is not reproduced, windows are the plain runs of equal labels; a static cluster sits in its
@@ -146,8 +148,8 @@ class PruneVidQuestionScorer(Scorer):
     name = "prunevid_question"
     attention = "previous"
 
-    max_queries: int = field(default=256, metadata={"min": 1})
-    """At most this many text rows (the last ones)."""
+    max_queries: int = field(default=0, metadata={"min": 0})
+    """At most this many text rows (the last ones); 0: every text row after the video, as the official code."""
 
     def queries(self, view: LayerView) -> torch.Tensor:
         S = view.vision_mask.shape[1]
@@ -155,7 +157,8 @@ class PruneVidQuestionScorer(Scorer):
         last_vis = torch.where(view.vision_mask, ar, torch.full_like(ar, -1)).max(1).values
         rows = view.text_mask & (ar[None] > last_vis[:, None]) & (ar[None] <= view.last_index[:, None])
         rows[torch.arange(S, device=ar.device)[None] == view.last_index[:, None]] = True
-        Q = min(self.max_queries, int(rows.sum(1).max()))
+        n = int(rows.sum(1).max())
+        Q = min(self.max_queries, n) if self.max_queries else n
         # The last Q rows of each sample, padded with -1.
         key = torch.where(rows, ar, torch.full_like(ar, -1))
         top = torch.sort(key, dim=1, descending=True, stable=True).values[:, :Q]
