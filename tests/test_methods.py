@@ -238,6 +238,67 @@ def test_probe_rows_equal_eager_attention_on_the_full_sequence(recorders, family
     assert err <= PROBE_TOL, err
 
 
+@dataclass(frozen=True)
+class _RecordUnrotated(_RecordPrevious):
+    """Test scorer: PruneVid's rows (un-rotated q/k, every key, max over heads)."""
+
+    name = "test_record_unrotated"
+    attention_rows = types.MappingProxyType({"rope": False, "causal": False, "heads": "max"})
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])
+def test_unrotated_unmasked_max_rows_equal_a_hand_computation(recorders, in_process_plugin, family):
+    """``attention_rows = {rope: False, causal: False, heads: max}`` (PruneVid's stage 2): the rows are
+    softmax(q·kᵀ·scale) of layer 2's own q/k projections (q/k norm, no RoPE) over every real key,
+    the maximum over heads, computed here by hand from the layer's weights; and they differ from
+    the default rows (negative control)."""
+    plugin = types.SimpleNamespace()
+
+    @tokencomp.hookimpl
+    def register_scorers(register):
+        register(_RecordUnrotated)
+
+    plugin.register_scorers = register_scorers
+    in_process_plugin(plugin, "test-methods-unrotated")
+    model = tiny(family)
+    inputs = make_inputs(model, batch=2, padding="left")
+    recipe = {"scorer": "test_record_unrotated", "schedule": {"stages": [{"layer": 3, "keep": 1.0}]}}
+    with tokencomp.apply(model, recipe), torch.no_grad():
+        model(**inputs)
+    seen = []
+    # The input layer 2 really gets (Qwen3-VL adds deepstack features after the early layers).
+    hook = model.get_decoder().layers[2].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    hidden = seen[0]
+    (_, _, queries), = _recorded("queries")
+    (_, _, attention), = _recorded("attention")
+    attn = model.get_decoder().layers[2].self_attn
+    x = model.get_decoder().layers[2].input_layernorm(hidden)
+    B, S, _ = x.shape
+    d = attn.head_dim
+    q, k = attn.q_proj(x).view(B, S, -1, d), attn.k_proj(x).view(B, S, -1, d)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * attn.scaling
+    logits = logits.masked_fill(inputs["attention_mask"][:, None, None, :] == 0, float("-inf"))
+    ref = torch.softmax(logits, -1).amax(1)  # (B, S, S)
+    err, diff = 0.0, 0.0
+    for b in range(B):
+        for j, row in enumerate(queries[b].tolist()):
+            if row >= 0:
+                err = max(err, float((attention[b, j] - ref[b, row]).abs().max()))
+    assert err < 1e-5, err
+    RECORDED.clear()
+    with tokencomp.apply(model, {**recipe, "scorer": "test_record_previous"}), torch.no_grad():
+        model(**inputs)
+    (_, _, default), = _recorded("attention")
+    assert float((default - attention).abs().max()) > 1e-3
+
+
 @pytest.mark.parametrize("source", ["previous", "current"])
 @pytest.mark.parametrize("family", PROBE_FAMILIES)
 def test_probe_rows_equal_eager_attention_after_a_drop(recorders, family, source):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Literal, Mapping, Optional, Sequence
 
 import torch
@@ -107,12 +108,16 @@ class Scorer(_Plugin):
     * ``attention``: ``"previous"`` for attention rows of the layer *before* the drop layer (taken
       from that layer's own post-RoPE q/k while it runs), ``"current"`` for rows computed with the
       drop layer's own norm and q/k projections on its input. Rows are chosen by :meth:`queries`;
+    * ``attention_rows``: how those rows are formed, as :func:`tokencomp.probes.attention_rows` takes
+      them (default: as the layer attends, after RoPE, causal, averaged over heads; e.g. PruneVid's
+      ``{"rope": False, "causal": False, "heads": "max"}``);
     * ``signals``: vision-tower signals by name (see :meth:`ModelAdapter.signal_names`).
     """
 
     needs_prev_hidden: ClassVar[bool] = False
     needs_embeddings: ClassVar[bool] = False
     attention: ClassVar[Optional[AttentionSource]] = None
+    attention_rows: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     signals: ClassVar[tuple[str, ...]] = ()
     """Named vision-tower signals the scorer reads from ``view.signals`` (e.g. ``"cls_attention"``);
     the model adapter computes them (:meth:`ModelAdapter.install_signals`)."""

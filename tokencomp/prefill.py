@@ -215,12 +215,12 @@ class Prefill:
                 raise UnsupportedModelError(f"attention projections of layer {stage.layer - 1} were not captured")
             q_rows = M.gather_seq(got["q"], queries.clamp(min=0), 1)
             attn = self.handle._layers[stage.layer - 1].self_attn
-            return attention_rows(attn, q_rows, got["k"], cos, sin, queries, key_valid)
+            return attention_rows(attn, q_rows, got["k"], cos, sin, queries, key_valid, **stage.scorer.attention_rows)
         queries = stage.scorer.queries(self._view(stage.layer, hidden, stage))
         normed = module.input_layernorm(hidden)
         attn = module.self_attn
         q_rows = attn.q_proj(M.gather_seq(normed, queries.clamp(min=0), 1))
-        return attention_rows(attn, q_rows, attn.k_proj(normed), cos, sin, queries, key_valid)
+        return attention_rows(attn, q_rows, attn.k_proj(normed), cos, sin, queries, key_valid, **stage.scorer.attention_rows)
 
     # ------------------------------------------------------------------ one stage
 

@@ -25,13 +25,20 @@ def attention_rows(
     sin: torch.Tensor,
     query_index: torch.Tensor,
     key_valid: torch.Tensor,
+    *,
+    rope: bool = True,
+    causal: bool = True,
+    heads: str = "mean",
 ) -> torch.Tensor:
     """Head-averaged attention probabilities ``(B, Q, S)`` of the query rows ``query_index``.
 
     ``q_proj_rows`` (B, Q, H·d) and ``k_proj_out`` (B, S, Hkv·d) are the outputs of ``attn.q_proj``
     and ``attn.k_proj``; ``cos``/``sin`` (B|1, S, d) are the layer's rotary tables; ``query_index``
     (B, Q) the rows' positions in the sequence (``-1``: padding row, returned as zeros);
-    ``key_valid`` (B, S) the keys any query may see (real, live tokens). The mask is causal.
+    ``key_valid`` (B, S) the keys any query may see (real, live tokens). As the layer attends by
+    default: after RoPE, causal, and the mean over heads; ``rope=False`` / ``causal=False`` /
+    ``heads="max"`` give the rows some methods' own code computes instead (PruneVid: from the
+    un-rotated q/k, over every key, the maximum over heads).
     """
     B, Q = query_index.shape
     S = k_proj_out.shape[1]
@@ -47,15 +54,24 @@ def attention_rows(
     rows = query_index.clamp(min=0)
     cq = cos.gather(1, rows[..., None].expand(-1, -1, cos.shape[-1]))[:, :, None]
     sq = sin.gather(1, rows[..., None].expand(-1, -1, sin.shape[-1]))[:, :, None]
-    q = q * cq + rotate_half(q) * sq
-    k = k * cos[:, :, None] + rotate_half(k) * sin[:, :, None]
+    if rope:
+        q = q * cq + rotate_half(q) * sq
+        k = k * cos[:, :, None] + rotate_half(k) * sin[:, :, None]
     H, Hkv = q.shape[2], k.shape[2]
     q = q.view(B, Q, Hkv, H // Hkv, d)
     scale = getattr(attn, "scaling", d**-0.5)
     logits = torch.einsum("bqngd,bsnd->bngqs", q.float(), k.float()) * scale
-    allowed = (torch.arange(S, device=rows.device)[None, None, :] <= rows[..., None]) & key_valid[:, None, :]
+    allowed = key_valid[:, None, :].expand(B, Q, S)
+    if causal:
+        allowed = allowed & (torch.arange(S, device=rows.device)[None, None, :] <= rows[..., None])
     logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).mean(dim=(1, 2))
+    probs = torch.softmax(logits, dim=-1)
+    if heads == "mean":
+        probs = probs.mean(dim=(1, 2))
+    elif heads == "max":
+        probs = probs.amax(dim=(1, 2))
+    else:
+        raise ValueError(f"heads must be 'mean' or 'max', got {heads!r}")
     return torch.where((query_index >= 0)[..., None], probs, torch.zeros_like(probs))
 
 

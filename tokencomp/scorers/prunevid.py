@@ -27,15 +27,17 @@ Deviations. Stage 1: a static cluster sits in its
 centre's slot in the window's first frame; the merged value is the mean of all member tokens over
 the window (the mean of window means); no density noise; the stage keeps exactly its budget: the
 tokens PruneVid keeps rank first (4 + centre score), so a budget above their count keeps the next
-tokens unmerged and a budget below drops the weakest centres. Stage 2: head-*averaged* attention
-rows of the previous layer (after RoPE, causal) from the engine's probes, max over the text rows;
-the per-window / per-frame α is the ``quota`` selector's proportional split over frames (a window's
+tokens unmerged (all other tokens score 0: ties go to the earlier token, so those come from the
+first frames on, and they leave their clusters' means) and a budget below drops the weakest centres. Stage 2: the attention rows of the previous layer
+are the official ones (un-rotated q/k, no mask, max over heads, then max over the text rows), from
+the engine's probes (q/k projections of the captured rows, no attention matrix); the per-window / per-frame α is the ``quota`` selector's proportional split over frames (a window's
 static tokens live in its first frame).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 
@@ -193,6 +195,8 @@ class PruneVidQuestionScorer(Scorer):
 
     name = "prunevid_question"
     attention = "previous"
+    # As elastic_cache.py / llama.py: rows from the un-rotated q/k over every key, max over heads.
+    attention_rows = MappingProxyType({"rope": False, "causal": False, "heads": "max"})
 
     max_queries: int = field(default=0, metadata={"min": 0})
     """At most this many text rows (the last ones); 0: every text row after the video, as the official code."""
