@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import PluginError
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of the last dim (the RoPE convention of Llama / Qwen in transformers)."""
@@ -71,7 +73,7 @@ def attention_rows(
     elif heads == "max":
         probs = probs.amax(dim=(1, 2))
     else:
-        raise ValueError(f"heads must be 'mean' or 'max', got {heads!r}")
+        raise PluginError(f"attention rows: heads must be 'mean' or 'max', got {heads!r} (a scorer's attention_rows)")
     return torch.where((query_index >= 0)[..., None], probs, torch.zeros_like(probs))
 
 
