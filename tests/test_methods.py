@@ -793,3 +793,22 @@ def test_all_methods_are_registered_plugins():
     assert {"explicit", "v2drop", "budget"} <= set(reg.names("schedule"))
     for name in ("v2drop", "fastv", "pdrop", "sparsevlm", "random", "uniform", "none"):
         assert reg.entries["scorer"][name].plugin.startswith("tokencomp.scorers.")
+
+
+@pytest.mark.parametrize("form", [{"rope": "no"}, {"heads": "min"}, {"rotary": False}])
+def test_bad_attention_rows_form_is_a_plugin_error_before_any_layer_runs(in_process_plugin, form):
+    @dataclass(frozen=True)
+    class Bad(_RecordPrevious):
+        name = "test_bad_rows"
+        attention_rows = types.MappingProxyType(form)
+
+    plugin = types.SimpleNamespace()
+
+    @tokencomp.hookimpl
+    def register_scorers(register):
+        register(Bad)
+
+    plugin.register_scorers = register_scorers
+    in_process_plugin(plugin, "test-methods-bad-rows")
+    with pytest.raises(tokencomp.PluginError, match="attention_rows"):
+        tokencomp.apply(tiny("llava"), {"scorer": "test_bad_rows", "schedule": {"stages": [{"layer": 3, "keep": 0.5}]}})

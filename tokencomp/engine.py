@@ -143,6 +143,14 @@ class Handle:
                         raise UnsupportedModelError(
                             f"scorer {scorer.name!r} needs attention rows but layer attention has no {name}"
                         )
+                form = dict(scorer.attention_rows)
+                if set(form) - {"rope", "causal", "heads"} or form.get("heads", "mean") not in ("mean", "max") or any(
+                    not isinstance(form[k], bool) for k in ("rope", "causal") if k in form
+                ):
+                    raise PluginError(
+                        f"scorer {scorer.name!r}: attention_rows {form!r} must take rope / causal (true or false) and "
+                        "heads ('mean' or 'max') only"
+                    )
 
     def _install(self) -> None:
         with _active_lock:
