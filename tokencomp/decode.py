@@ -107,6 +107,14 @@ class CompactedCache:
         return physical - lm.idx.shape[1] + meta.prefill_len
 
 
+def keep_cached_rows(entry, order: torch.Tensor, prefix: int) -> None:
+    """Keep, of the first ``prefix`` rows of one cache layer's keys and values, the rows ``order``
+    (B, K') in that order; the rows after the prefix (tokens added since) stay as they are."""
+    gather = order[:, None, :, None].expand(-1, entry.keys.shape[1], -1, entry.keys.shape[-1])
+    entry.keys = torch.cat([entry.keys[:, :, :prefix].gather(2, gather), entry.keys[:, :, prefix:]], dim=2)
+    entry.values = torch.cat([entry.values[:, :, :prefix].gather(2, gather), entry.values[:, :, prefix:]], dim=2)
+
+
 _compacted_classes: dict[type, type] = {}
 
 
@@ -273,10 +281,6 @@ class Decode:
             stay = alive & ~gone
             order, new_alive = compact(stay, ~stay, torch.zeros(stay.shape, device=stay.device))
             shared = LayerMeta(idx.gather(1, order), new_alive, has_dead=not bool(new_alive.all()))
-            K = idx.shape[1]
             for j in members:
-                layer = cache.layers[j]
-                gather = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-                layer.keys = torch.cat([layer.keys[:, :, :K].gather(2, gather), layer.keys[:, :, K:]], dim=2)
-                layer.values = torch.cat([layer.values[:, :, :K].gather(2, gather), layer.values[:, :, K:]], dim=2)
+                keep_cached_rows(cache.layers[j], order, idx.shape[1])
                 meta.layers[j] = shared

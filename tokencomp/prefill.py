@@ -19,7 +19,7 @@ import torch
 from . import masks as M
 from .accounting import kept_count
 from .compaction import compact
-from .decode import CacheMeta, LayerMeta, attach, forward_cache, meta_of
+from .decode import CacheMeta, LayerMeta, attach, forward_cache, keep_cached_rows, meta_of
 from .errors import PluginError, UnsupportedModelError
 from .interfaces import LayerView, Stage
 from .probes import attention_rows
@@ -296,9 +296,7 @@ class Prefill:
             # every token kept now was there before.
             order = self.idx if old is None else torch.searchsorted(old.idx.contiguous(), self.idx.contiguous())
             for j in members:
-                entry = self.cache.layers[j]
-                gather = order[:, None, :, None].expand(-1, entry.keys.shape[1], -1, entry.keys.shape[-1])
-                entry.keys, entry.values = entry.keys.gather(2, gather), entry.values.gather(2, gather)
+                keep_cached_rows(self.cache.layers[j], order, self.cache.layers[j].keys.shape[2])
                 self.cache_meta.layers[j] = self._layer_meta
 
     def _cache_meta(self) -> None:
