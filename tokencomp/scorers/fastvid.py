@@ -22,7 +22,8 @@ Here ``r`` is the stage's keep ratio (recipe ``keep``); the kept set is scored i
 for salient and context tokens, salience below), so ``topk`` keeps FastVID's tokens when the budget
 equals their count and fills by salience otherwise (``int(n·keep)`` is usually a few more).
 Deviations: SigLIP's attention-pooling head is not available: the global feature is the frame's mean
-embedding and salience the dot product with its unit mean; features are the LLM input embeddings;
+embedding and salience the dot product with its unit mean (so ``tau``, tuned on SigLIP's pooled
+features, may cut segments differently on these); features are the LLM input embeddings;
 no density noise; the newline and tokens outside a video are always kept (FastVID re-adds newlines).
 """
 

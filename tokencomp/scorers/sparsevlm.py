@@ -4,7 +4,9 @@ similarity) rate the vision tokens with their averaged attention rows at the pre
 Raters: ``M = softmax_text(V · Tᵀ)`` on the input embeddings, averaged over vision tokens; text
 tokens whose score is above the mean are raters. As the official code
 (``modelling_sparse_llama.py`` L199-L204, L253) they are chosen once, against all the prompt's vision
-tokens, and every rater's row is averaged (``max_raters: 0``). Recycling (pruned tokens clustered and added
+tokens, and every rater's row is averaged (``max_raters: 0``). Positions: kept tokens keep their
+original positions (the official code renumbers the compacted sequence and overrides positions per
+layer while decoding; tokencomp's engine keeps the positions the model gave). Recycling (pruned tokens clustered and added
 back) is the ``recycle`` merger (tokencomp/mergers/recycle.py; recipes ``sparsevlm/*-recycle``).
 """
 
