@@ -5,7 +5,11 @@ one token, ``h[target] + mean(h[members])``.
 VisionZip does this on the vision encoder's penultimate hidden states and groups by that layer's
 head-averaged keys, before the projector; here it runs on the states the stage sees (projected
 embeddings for an input stage) and groups by their cosine similarity. A summary token sits in its
-target's slot (the target's original position).
+target's slot (the target's original position), so in the compacted sequence the contextual tokens
+are interleaved, in raster order, with the dominant ones (VisionZip appends them after the dominant
+tokens: with renumbered positions, 10-30 tokens get other positions). Several images in one prompt
+share the sample's budget and one set of targets (VisionZip works per image). Sums and counts are
+taken in float32 (a bf16 count is not exact above 256).
 """
 
 from __future__ import annotations
@@ -43,10 +47,10 @@ class ContextualMerger(Merger):
         sim = unit @ unit.transpose(1, 2)  # (B, S, S): member rows, target columns
         sim = sim.masked_fill(~slots[:, None, :], float("-inf"))
         target = sim.argmax(-1)  # (B, S) most similar slot of each token
-        weights = (members[:, :, None] & (target[:, :, None] == torch.arange(S, device=h.device))).to(h.dtype)
-        sums = weights.transpose(1, 2) @ h  # (B, S, D): per target, the sum of its members
+        weights = (members[:, :, None] & (target[:, :, None] == torch.arange(S, device=h.device))).float()
+        sums = weights.transpose(1, 2) @ h.float()  # (B, S, D): per target, the sum of its members
         counts = weights.sum(1)[:, :, None]
-        merged = h + sums / counts.clamp(min=1)
+        merged = (h.float() + sums / counts.clamp(min=1)).to(h.dtype)
         return torch.where(slots[:, :, None], merged, h), slots
 
 

@@ -34,7 +34,9 @@ Here (a scorer under the default ``topk`` selector):
 * image pivots score ``+inf``: they are always kept.
 
 Everything is per sample and independent of padding and of the other samples; the only loop is
-over the (at most ``pivot_image_tokens + pivot_text_tokens``) pivots.
+over the (at most ``pivot_image_tokens + pivot_text_tokens``) pivots. Several images in one prompt
+are one set of candidates: image pivots are ranked over all of them and text pivots come from the
+text after the last one (the official code handles one image block).
 """
 
 from __future__ import annotations

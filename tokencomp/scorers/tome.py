@@ -16,7 +16,9 @@ Here ``m`` is the tokens' current state (the stage's hidden states, then the mer
 metric is the head-mean *keys* of the ViT block, which an input stage does not have. Rounds repeat
 with ``r`` tokens each (``r = 0``: as many as a round allows, ``t // 2``) until the budget ``k`` is
 left, the last round merging just ``t - k``; sizes carry across rounds (official ToMe), so a
-merged token is the mean of all the original tokens in its group.
+merged token is the mean of all the original tokens in its group. All the vision tokens of a sample
+form one list: several images (or frames) in one prompt can merge into each other and share the
+budget unevenly (ToMe in a vision encoder matches within each image).
 
 How it fits the engine (selector keeps the budget, merger folds the dropped tokens in): the
 ``tome`` *scorer* runs the rounds for the stage's budget ``floor(n * keep)`` and scores the
