@@ -146,16 +146,16 @@ class MustDropScorer(Scorer):
     """... or if one text token gives it at least this attention (official 0.001 / 0.001 / 0.01)."""
     key_ratio: float = field(default=0.08, metadata={"min": 0.0, "max": 1.0})
     """Share of the live tokens with the highest [CLS] attention that is never dropped (0: none, no signal needed)."""
-    max_queries: int = field(default=512, metadata={"min": 1})
-    """At most this many text rows (the last ones after the image)."""
+    max_queries: int = field(default=0, metadata={"min": 0})
+    """At most this many text rows (the last ones after the image); 0: all of them, as the official code."""
 
     def __post_init__(self):
         if self.global_thr <= 0 or self.individual_thr <= 0:
             raise ValueError("global_thr and individual_thr must be positive")
         if not 0.0 <= self.key_ratio <= 1.0:
             raise ValueError("key_ratio must be in [0, 1]")
-        if self.max_queries < 1:
-            raise ValueError("max_queries must be at least 1")
+        if self.max_queries < 0:
+            raise ValueError("max_queries must be 0 (no limit) or more")
         if self.key_ratio == 0:
             object.__setattr__(self, "signals", ())  # no key set: no vision-tower signal needed
 
@@ -167,7 +167,8 @@ class MustDropScorer(Scorer):
         q = txt & (ar > last_vis[:, None])
         q[torch.arange(B, device=vis.device), view.last_index] = True
         from_end = q.sum(1, keepdim=True) - torch.cumsum(q.long(), 1)
-        q &= from_end < self.max_queries
+        if self.max_queries:
+            q &= from_end < self.max_queries
         Q = int(q.sum(1).max())
         cols = torch.sort((~q).to(torch.int8), dim=1, stable=True).indices[:, :Q]
         return torch.where(q.gather(1, cols), cols, torch.full_like(cols, -1))
