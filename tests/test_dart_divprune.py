@@ -20,7 +20,7 @@ from tokencomp.interfaces import LayerView
 from tokencomp.ranking import best_mask
 from tokencomp.scorers.dart import DARTScorer, python_set_order
 from tokencomp.selectors.divprune import DivPrune, maxmin_select
-from tokencomp.testing import build_tiny, make_inputs, suppress_ids, take_sample
+from tokencomp.testing import build_tiny, make_inputs, suppress_ids, take_sample, vision_token_ids
 
 # --------------------------------------------------------------------------------------------------
 # Views built by hand: one sample laid out as [prefix text | vision | suffix text], optionally
@@ -81,12 +81,13 @@ def sample(seed, n_prefix=5, n_vision=60, n_suffix=9, D=16):
 # --------------------------------------------------------------------------------------------------
 
 
-def dart_reference(h, start, length, budget, pivot_image=4, pivot_text=4):
-    """The official get_retained_image_token on one unpadded sample (ZichenWen1/DART), with the
-    hidden state's L1 norm in place of the key norm and no final norm, written as a plain loop."""
+def dart_reference(h, start, length, budget, pivot_image=4, pivot_text=4, keys=None):
+    """The official get_retained_image_token on one unpadded sample (ZichenWen1/DART), written as a
+    plain loop: pivots by the L1 norm of ``keys`` (default: of ``h``), cosines on ``h``."""
     n_piv = pivot_image + pivot_text
     topk = (budget - pivot_image) // n_piv
-    norms = h.abs().sum(-1)
+    norms = (h if keys is None else keys).abs().sum(-1)
+    pivot_text = min(pivot_text, len(norms) - start - length)  # a short question has fewer text tokens
     img = (norms[start : start + length].topk(pivot_image).indices + start).tolist()
     qry = (norms[start + length :].topk(pivot_text).indices + start + length).tolist()
     chosen = set(img + qry)
@@ -116,6 +117,60 @@ def test_dart_matches_official_loop(seed, quota):
     scores = DARTScorer().score(view)
     kept = best_mask(scores, view.vision_mask, torch.tensor([budget]))
     assert kept[0].nonzero()[:, 0].tolist() == dart_reference(h, 5, n, budget)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_dart_on_a_model_uses_the_official_features(family):
+    """In a model, DART ranks pivots by the L1 norm of layer K-1's keys (as it caches them: k-norm,
+    RoPE, KV heads concatenated) and takes cosines on layer K-1's output through the final norm:
+    the kept set equals the official loop fed those, captured here with hooks on the model itself
+    (and differs from the loop fed the raw residual stream: the features matter)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = tiny(family)
+    inputs = make_inputs(model, batch=1, text_lens=[(5, 9)])  # at least 4 text tokens after the image
+    vis = torch.isin(inputs["input_ids"][0], torch.tensor(vision_token_ids(model)))
+    where = vis.nonzero()[:, 0]
+    start, n = int(where[0]), int(vis.sum())
+    assert int(where[-1]) == start + n - 1  # one contiguous vision block
+    budget = 4 + 8 * ((n - 4) // 16)
+    keep = (budget + 0.5) / n
+    layers = model.get_decoder().layers
+    seen = {}
+
+    def take_rotary(m, args, kwargs):
+        seen["cos_sin"] = kwargs["position_embeddings"]
+
+    def take_k(m, args, out):
+        seen["k"] = out
+
+    def take_h(m, args, kwargs):
+        seen["h"] = args[0] if args else kwargs["hidden_states"]
+
+    hooks = [layers[1].register_forward_pre_hook(take_rotary, with_kwargs=True),
+             layers[1].self_attn.k_proj.register_forward_hook(take_k),
+             layers[2].register_forward_pre_hook(take_h, with_kwargs=True)]
+    with torch.no_grad():
+        model(**inputs)
+    for x in hooks:
+        x.remove()
+    attn = layers[1].self_attn
+    k = seen["k"].view(1, seen["k"].shape[1], -1, attn.head_dim)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    cos, sin = seen["cos_sin"]
+    k = k.transpose(1, 2)
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    keys = k.transpose(1, 2).reshape(1, k.shape[2], -1)[0]
+    with torch.no_grad():
+        z = model.get_decoder().norm(seen["h"])[0]
+    want = dart_reference(z.float(), start, n, budget, keys=keys.float())
+    raw = dart_reference(seen["h"][0].float(), start, n, budget)
+    assert want != raw
+    rec = {"scorer": "dart", "schedule": {"stages": [{"layer": 2, "keep": keep}]}}
+    with torch.no_grad(), tokencomp.apply(model, rec) as h:
+        model(**inputs)
+    assert h.stats.kept_positions[2][0].tolist() == want
 
 
 def test_dart_pivots_are_kept_and_max_mode():

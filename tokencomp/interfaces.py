@@ -60,6 +60,11 @@ class LayerView:
     ``needs_embeddings``): for what a method decides once from all the prompt's tokens."""
     prompt_vision_mask: Optional[torch.Tensor] = None
     """``(B, L)`` bool: the vision tokens of the whole uncompressed prompt (with ``prompt_embeddings``)."""
+    prev_keys: Optional[torch.Tensor] = None
+    """``(B, S, Hkv·d)`` the key vectors layer ``layer - 1`` computed for the current tokens, all KV heads
+    concatenated, after its k-norm and RoPE, as it caches them (only if the scorer sets ``needs_prev_keys``)."""
+    final_normed: Optional[torch.Tensor] = None
+    """``(B, S, D)`` ``hidden`` through the decoder's final norm (only if the scorer sets ``needs_final_norm``)."""
     attention: Optional[torch.Tensor] = None
     """``(B, Q, S)`` float32 head-averaged attention probabilities of the rows the scorer asked for
     with :meth:`Scorer.queries` (only if the scorer sets ``attention``); rows for ``-1`` queries are 0."""
@@ -105,6 +110,8 @@ class Scorer(_Plugin):
 
     * ``needs_prev_hidden``: the residual stream that entered the previous layer;
     * ``needs_embeddings``: the input embeddings of the current tokens (and of the whole prompt);
+    * ``needs_prev_keys``: the keys layer ``l - 1`` computed (``LayerView.prev_keys``; None in an input stage);
+    * ``needs_final_norm``: the hidden states through the decoder's final norm (``LayerView.final_normed``);
     * ``attention``: ``"previous"`` for attention rows of the layer *before* the drop layer (taken
       from that layer's own post-RoPE q/k while it runs), ``"current"`` for rows computed with the
       drop layer's own norm and q/k projections on its input. Rows are chosen by :meth:`queries`;
@@ -116,6 +123,8 @@ class Scorer(_Plugin):
 
     needs_prev_hidden: ClassVar[bool] = False
     needs_embeddings: ClassVar[bool] = False
+    needs_prev_keys: ClassVar[bool] = False
+    needs_final_norm: ClassVar[bool] = False
     attention: ClassVar[Optional[AttentionSource]] = None
     attention_rows: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     signals: ClassVar[tuple[str, ...]] = ()

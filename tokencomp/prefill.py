@@ -22,7 +22,7 @@ from .compaction import compact
 from .decode import CacheMeta, LayerMeta, attach, forward_cache, keep_cached_rows, meta_of
 from .errors import PluginError, UnsupportedModelError
 from .interfaces import LayerView, Stage
-from .probes import attention_rows
+from .probes import attention_rows, rotate_half
 from .stats import Stats
 
 
@@ -97,8 +97,9 @@ class Prefill:
         if nxt is not None:
             if nxt.scorer.needs_prev_hidden:
                 self.prev_hidden = hidden
-            if nxt.scorer.attention == "previous":
+            if nxt.scorer.attention == "previous" or nxt.scorer.needs_prev_keys:
                 self.capture[i] = {}
+            if nxt.scorer.attention == "previous":
                 self.probe_queries[i + 1] = nxt.scorer.queries(self._view(i, hidden, nxt))
         if args:
             args = (hidden,) + tuple(args[1:])
@@ -201,6 +202,22 @@ class Prefill:
             out[name] = full.to(idx.device).gather(1, idx)
         return out
 
+    def _prev_keys(self, stage: Stage, hidden) -> torch.Tensor:
+        """Layer ``l - 1``'s keys of the current tokens as it caches them: its captured ``k_proj``
+        output through its k-norm (if any) and RoPE, all KV heads concatenated (B, S, Hkv·d)."""
+        got = self.capture.get(stage.layer - 1, {})
+        if "k" not in got:
+            raise UnsupportedModelError(f"key projection of layer {stage.layer - 1} was not captured")
+        attn = self.handle._layers[stage.layer - 1].self_attn
+        cos, sin = (self.cur or self.full)["position_embeddings"]
+        B, S = hidden.shape[:2]
+        d = getattr(attn, "head_dim", None) or cos.shape[-1]
+        k = got["k"].view(B, S, -1, d)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+        k = k * cos.expand(B, -1, -1)[:, :, None] + rotate_half(k) * sin.expand(B, -1, -1)[:, :, None]
+        return k.reshape(B, S, -1)
+
     def _probe(self, stage: Stage, module, hidden) -> torch.Tensor:
         """Attention rows for ``stage``'s scorer, from layer ``l-1``'s captured projections or layer ``l``'s own."""
         cos, sin = (self.cur or self.full)["position_embeddings"]
@@ -227,8 +244,17 @@ class Prefill:
     def _drop(self, stage: Stage, module, hidden):
         B, S = hidden.shape[:2]
         dev = hidden.device
+        keys = self._prev_keys(stage, hidden) if stage.scorer.needs_prev_keys and stage.layer > 0 else None
         attention = self._probe(stage, module, hidden) if stage.scorer.attention else None
+        self.capture.pop(stage.layer - 1, None)
         view = self._view(stage.layer, hidden, stage, attention, self.prev_hidden, self.prev_output)
+        extra = {}
+        if keys is not None:
+            extra["prev_keys"] = keys
+        if stage.scorer.needs_final_norm:
+            extra["final_normed"] = self.handle._decoder.norm(hidden)
+        if extra:
+            view = dataclasses.replace(view, **extra)
         self.prev_hidden = self.prev_output = None
         idx = self._index(hidden)
         is_vision_cur = self.is_vision.gather(1, idx)

@@ -17,10 +17,11 @@ in ``llava/eval/model_vqa_loader.py`` L170-L178), run before decoder layer ``K =
 
 Here (a scorer under the default ``topk`` selector):
 
-* pivots are ranked by the L1 (or L2) norm of ``view.hidden`` -- the residual stream entering layer
-  ``K``, i.e. layer ``K-1``'s output -- because a scorer has no access to layer ``K-1``'s key
-  projection; cosine similarities are taken on that same raw residual stream, not after the final
-  RMSNorm (whose per-channel weight changes cosines);
+* pivots are ranked by the L1 (or L2) norm of layer ``K-1``'s keys as it caches them (all KV heads
+  concatenated, after RoPE: ``view.prev_keys``; the Qwen2-VL copy uses post-RoPE keys, the LLaVA
+  code's are not confirmed), and cosines are taken on layer ``K-1``'s output through the decoder's
+  final norm (``view.final_normed``), as the official code; in an input stage, where no layer ran
+  before, both fall back to the residual stream;
 * ``assign: per_pivot`` (default) reproduces step 3: the budget ``floor(n * keep)`` (the count the
   engine will keep) minus the image pivots is split into ``(budget - image pivots) // pivots`` picks
   per pivot, taken pivot by pivot in the order CPython iterates the official ``set`` of pivot
@@ -80,13 +81,15 @@ class DARTScorer(Scorer):
     """Duplication-aware: keeps the vision tokens least similar to a few pivot tokens (DART)."""
 
     name = "dart"
+    needs_prev_keys = True
+    needs_final_norm = True
 
     pivot_image_tokens: int = field(default=4, metadata={"min": 0})
     """Vision tokens with the largest norm used as pivots, always kept (official ``pivot_image_token``)."""
     pivot_text_tokens: int = field(default=4, metadata={"min": 0})
     """Tokens after the last vision token with the largest norm used as pivots (``pivot_text_token``)."""
     norm: Literal["l1", "l2"] = "l1"
-    """Norm that ranks pivot candidates (official: L1, of layer K-1's keys; here of the hidden state)."""
+    """Norm of layer K-1's keys that ranks pivot candidates (official: L1)."""
     assign: Literal["per_pivot", "max"] = "per_pivot"
     """``per_pivot``: the official per-pivot quotas; ``max``: rank by ``-max cos`` to the pivots."""
 
@@ -96,8 +99,11 @@ class DARTScorer(Scorer):
         dev = hidden.device
         if self.pivot_image_tokens + self.pivot_text_tokens == 0:
             return torch.zeros(B, S, device=dev)
-        h = hidden.float()
-        metric = torch.linalg.vector_norm(h, ord=1 if self.norm == "l1" else 2, dim=-1)
+        # Official features: pivots by the norm of layer K-1's keys, cosines on the final-normed
+        # states (a view without them, e.g. an input stage, falls back to the residual stream).
+        keys = view.prev_keys if view.prev_keys is not None else hidden
+        h = (view.final_normed if view.final_normed is not None else hidden).float()
+        metric = torch.linalg.vector_norm(keys.float(), ord=1 if self.norm == "l1" else 2, dim=-1)
         # Text pivots: real text tokens after the sample's last vision token (the question and the
         # assistant prompt in LLaVA-1.5's template; official ``K_states[0][start + length:]``).
         tok = view.token_index
