@@ -211,6 +211,15 @@ class Prefill:
         attn = self.handle._layers[stage.layer - 1].self_attn
         cos, sin = (self.cur or self.full)["position_embeddings"]
         B, S = hidden.shape[:2]
+        if self.handle.adapter.renumber:
+            # A rotated key's L1 norm depends on its absolute position, which padding shifts (and a
+            # plain forward numbers left padding, generate does not): rotate as in the sample's
+            # unpadded run, counting from its first real token. M-RoPE ids already are.
+            pos = self.full.get("position_ids")
+            pos = torch.arange(self.length, device=hidden.device)[None] if pos is None else pos
+            pos = pos.expand(B, self.length)
+            pos = (pos - pos.gather(1, self.valid.long().argmax(1)[:, None])).gather(1, self._index(hidden))
+            cos, sin = self.handle.adapter.rotary(self.handle.model)(hidden, position_ids=pos)
         d = getattr(attn, "head_dim", None) or cos.shape[-1]
         k = got["k"].view(B, S, -1, d)
         if getattr(attn, "k_norm", None) is not None:
