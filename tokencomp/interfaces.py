@@ -66,8 +66,9 @@ class LayerView:
     final_normed: Optional[torch.Tensor] = None
     """``(B, S, D)`` ``hidden`` through the decoder's final norm (only if the scorer sets ``needs_final_norm``)."""
     attention: Optional[torch.Tensor] = None
-    """``(B, Q, S)`` float32 head-averaged attention probabilities of the rows the scorer asked for
-    with :meth:`Scorer.queries` (only if the scorer sets ``attention``); rows for ``-1`` queries are 0."""
+    """``(B, Q, S)`` float32 attention probabilities of the rows the scorer asked for with
+    :meth:`Scorer.queries`, averaged over heads unless its ``attention_rows`` says otherwise (only if
+    the scorer sets ``attention``); rows for ``-1`` queries are 0."""
     keep: float = 1.0
     """Fraction of the live vision tokens this stage keeps."""
     signals: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)

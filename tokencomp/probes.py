@@ -32,7 +32,8 @@ def attention_rows(
     causal: bool = True,
     heads: str = "mean",
 ) -> torch.Tensor:
-    """Head-averaged attention probabilities ``(B, Q, S)`` of the query rows ``query_index``.
+    """Attention probabilities ``(B, Q, S)`` of the query rows ``query_index``, averaged over heads
+    (or their maximum: ``heads="max"``).
 
     ``q_proj_rows`` (B, Q, H·d) and ``k_proj_out`` (B, S, Hkv·d) are the outputs of ``attn.q_proj``
     and ``attn.k_proj``; ``cos``/``sin`` (B|1, S, d) are the layer's rotary tables; ``query_index``
