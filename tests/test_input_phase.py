@@ -135,6 +135,22 @@ def test_negative_control_physical_cache_length(monkeypatch):
 # ------------------------------------------------------------------ renumbered positions
 
 
+def decoder_input(model, inputs) -> torch.Tensor:
+    """The embeddings the untouched model's first decoder layer receives for ``inputs``."""
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.setdefault("embeds", args[0] if args else kwargs["hidden_states"])
+
+    hook = model.get_decoder().layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    return captured["embeds"]
+
+
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_renumbered_input_stage_equals_feeding_the_shorter_sequence(family, attn):
@@ -146,15 +162,7 @@ def test_renumbered_input_stage_equals_feeding_the_shorter_sequence(family, attn
     with torch.no_grad(), tokencomp.apply(model, rec) as h:
         got = model.generate(**inputs, **gen_kwargs(model))
         kept_idx = h.stats.output_positions[0]
-    captured = {}
-    def grab(module, args, kwargs):
-        captured.setdefault("embeds", args[0] if args else kwargs["hidden_states"])
-
-    hook = model.get_decoder().layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)
-    hook.remove()
-    short = captured["embeds"][:, kept_idx]
+    short = decoder_input(model, inputs)[:, kept_idx]
     with torch.no_grad():
         ref = model.generate(inputs_embeds=short, attention_mask=torch.ones(1, short.shape[1], dtype=torch.long), **gen_kwargs(model))
     n_new = len(got.scores)
@@ -175,16 +183,7 @@ def test_decode_stage_after_a_renumbered_input_stage_equals_the_shorter_sequence
     with torch.no_grad(), tokencomp.apply(model, rec) as h:
         got = model.generate(**inputs, **gen_kwargs(model))
         kept_idx = h.stats.output_positions[0]
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured.setdefault("embeds", args[0] if args else kwargs["hidden_states"])
-
-    hook = model.get_decoder().layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)
-    hook.remove()
-    short = captured["embeds"][:, kept_idx]
+    short = decoder_input(model, inputs)[:, kept_idx]
     vision = (inputs["input_ids"] == model.config.image_token_id)[:, kept_idx]
     assert 0 < int(vision.sum()) < int((inputs["input_ids"] == model.config.image_token_id).sum())
     with torch.no_grad(), tokencomp.apply(model, recipe([decode])) as h2, h2.vision_mask(vision):

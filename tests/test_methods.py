@@ -178,17 +178,22 @@ class _RecordCurrent(_RecordPrevious):
     attention = "current"
 
 
-@pytest.fixture
-def recorders(in_process_plugin):
+def register_test_scorers(in_process_plugin, name: str, *classes) -> None:
+    """Register scorer classes as one in-process plugin named ``name`` for this test."""
     plugin = types.SimpleNamespace()
 
     @tokencomp.hookimpl
     def register_scorers(register):
-        register(_RecordPrevious)
-        register(_RecordCurrent)
+        for cls in classes:
+            register(cls)
 
     plugin.register_scorers = register_scorers
-    in_process_plugin(plugin, "test-methods-recorders")
+    in_process_plugin(plugin, name)
+
+
+@pytest.fixture
+def recorders(in_process_plugin):
+    register_test_scorers(in_process_plugin, "test-methods-recorders", _RecordPrevious, _RecordCurrent)
     RECORDED.clear()
     try:
         yield
@@ -252,14 +257,7 @@ def test_unrotated_unmasked_max_rows_equal_a_hand_computation(recorders, in_proc
     softmax(q·kᵀ·scale) of layer 2's own q/k projections (q/k norm, no RoPE) over every real key,
     the maximum over heads, computed here by hand from the layer's weights; and they differ from
     the default rows (negative control)."""
-    plugin = types.SimpleNamespace()
-
-    @tokencomp.hookimpl
-    def register_scorers(register):
-        register(_RecordUnrotated)
-
-    plugin.register_scorers = register_scorers
-    in_process_plugin(plugin, "test-methods-unrotated")
+    register_test_scorers(in_process_plugin, "test-methods-unrotated", _RecordUnrotated)
     model = tiny(family)
     inputs = make_inputs(model, batch=2, padding="left")
     recipe = {"scorer": "test_record_unrotated", "schedule": {"stages": [{"layer": 3, "keep": 1.0}]}}
@@ -802,13 +800,6 @@ def test_bad_attention_rows_form_is_a_plugin_error_before_any_layer_runs(in_proc
         name = "test_bad_rows"
         attention_rows = types.MappingProxyType(form)
 
-    plugin = types.SimpleNamespace()
-
-    @tokencomp.hookimpl
-    def register_scorers(register):
-        register(Bad)
-
-    plugin.register_scorers = register_scorers
-    in_process_plugin(plugin, "test-methods-bad-rows")
+    register_test_scorers(in_process_plugin, "test-methods-bad-rows", Bad)
     with pytest.raises(tokencomp.PluginError, match="attention_rows"):
         tokencomp.apply(tiny("llava"), {"scorer": "test_bad_rows", "schedule": {"stages": [{"layer": 3, "keep": 0.5}]}})

@@ -22,7 +22,7 @@ from .compaction import compact
 from .decode import CacheMeta, LayerMeta, attach, forward_cache, keep_cached_rows, meta_of
 from .errors import PluginError, UnsupportedModelError
 from .interfaces import LayerView, Stage
-from .probes import attention_rows, rotate_half
+from .probes import attention_rows, layer_keys
 from .stats import Stats
 
 
@@ -220,12 +220,7 @@ class Prefill:
             pos = pos.expand(B, self.length)
             pos = (pos - pos.gather(1, self.valid.long().argmax(1)[:, None])).gather(1, self._index(hidden))
             cos, sin = self.handle.adapter.rotary(self.handle.model)(hidden, position_ids=pos)
-        d = getattr(attn, "head_dim", None) or cos.shape[-1]
-        k = got["k"].view(B, S, -1, d)
-        if getattr(attn, "k_norm", None) is not None:
-            k = attn.k_norm(k)
-        k = k * cos.expand(B, -1, -1)[:, :, None] + rotate_half(k) * sin.expand(B, -1, -1)[:, :, None]
-        return k.reshape(B, S, -1)
+        return layer_keys(attn, got["k"], cos, sin).reshape(B, S, -1)
 
     def _probe(self, stage: Stage, module, hidden) -> torch.Tensor:
         """Attention rows for ``stage``'s scorer, from layer ``l-1``'s captured projections or layer ``l``'s own."""

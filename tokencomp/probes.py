@@ -19,6 +19,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def layer_keys(attn: torch.nn.Module, k_proj_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rope: bool = True) -> torch.Tensor:
+    """``(B, S, Hkv, d)`` keys of a layer from its ``k_proj`` output (B, S, Hkv·d): through its per-head
+    k-norm (Qwen3) and, with ``rope``, rotated by ``cos``/``sin`` (B|1, S, d): as the layer caches them."""
+    B, S = k_proj_out.shape[:2]
+    d = getattr(attn, "head_dim", None) or cos.shape[-1]
+    k = k_proj_out.view(B, S, -1, d)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    if rope:
+        k = k * cos.expand(B, -1, -1)[:, :, None] + rotate_half(k) * sin.expand(B, -1, -1)[:, :, None]
+    return k
+
+
 def attention_rows(
     attn: torch.nn.Module,
     q_proj_rows: torch.Tensor,
@@ -44,22 +57,19 @@ def attention_rows(
     un-rotated q/k, over every key, the maximum over heads).
     """
     B, Q = query_index.shape
-    S = k_proj_out.shape[1]
     d = getattr(attn, "head_dim", None) or cos.shape[-1]
     q = q_proj_rows.view(B, Q, -1, d)
-    k = k_proj_out.view(B, S, -1, d)
     # Qwen3-style per-head q/k norm happens before RoPE, as in the attention module itself.
     if getattr(attn, "q_norm", None) is not None:
         q = attn.q_norm(q)
-    if getattr(attn, "k_norm", None) is not None:
-        k = attn.k_norm(k)
-    cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
-    rows = query_index.clamp(min=0)
-    cq = cos.gather(1, rows[..., None].expand(-1, -1, cos.shape[-1]))[:, :, None]
-    sq = sin.gather(1, rows[..., None].expand(-1, -1, sin.shape[-1]))[:, :, None]
+    k = layer_keys(attn, k_proj_out, cos, sin, rope=rope)
+    S = k.shape[1]
     if rope:
+        cos, sin = cos.expand(B, -1, -1), sin.expand(B, -1, -1)
+        rows = query_index.clamp(min=0)
+        cq = cos.gather(1, rows[..., None].expand(-1, -1, cos.shape[-1]))[:, :, None]
+        sq = sin.gather(1, rows[..., None].expand(-1, -1, sin.shape[-1]))[:, :, None]
         q = q * cq + rotate_half(q) * sq
-        k = k * cos[:, :, None] + rotate_half(k) * sin[:, :, None]
     H, Hkv = q.shape[2], k.shape[2]
     q = q.view(B, Q, Hkv, H // Hkv, d)
     scale = getattr(attn, "scaling", d**-0.5)
