@@ -18,13 +18,20 @@ import json
 import re
 from pathlib import Path
 
-from tokencomp.bench import MARKDOWN_HEADER, format_markdown_row
+from tokencomp.bench import MARKDOWN_HEADER, add_llm_latency, format_markdown_row
 
 
 def load(folder: Path) -> list:
-    reps = [rep for path in sorted(folder.glob("*.json")) for rep in json.loads(path.read_text())]
+    reps = [read(path) for path in sorted(folder.glob("*.json"))]
+    reps = [rep for got in reps for rep in got]
     reps.sort(key=lambda r: (r["vision_tokens"], r.get("batch", 1), r["recipe"]))
     return reps
+
+
+def read(path: Path) -> list:
+    """The reports of one result file, with what newer versions derive from the per-round times
+    (the LLM generation latency) added to files written before."""
+    return [add_llm_latency(rep) for rep in json.loads(path.read_text())]
 
 
 def _ratio(rep: dict, key: str, series: str):
@@ -74,8 +81,9 @@ def _ci(entry, min_based: bool = False) -> str:
 
 SCALING_HEADER = (
     "| recipe | vision tokens | batch | FLOP ratio | prefill ratio [interval] min-based | limit ratio | tokencomp ÷ limit [interval] min-based "
-    "| decode tok/s ratio [interval] | KV-cache ratio | untouched prefill ms | prefill noise (untouched / recipe) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| decode tok/s ratio [interval] | LLM generation latency ratio [interval] | KV-cache ratio | untouched prefill ms "
+    "| prefill noise (untouched / recipe) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -88,7 +96,8 @@ def scaling_row(r: dict) -> str:
     return (
         f"| {r['recipe']} | {r['vision_tokens']} | {r['batch']} | {r['flop_ratio']:.3f} "
         f"| {_ci(ratios['recipe/untouched']['prefill'], True)} | {lim.get('prefill_ratio', float('nan')):.3f} "
-        f"| {_ci(ratios.get('recipe/limit', {}).get('prefill'), True)} | {_ci(tps)} | {r['metrics']['kv_cache_bytes']['ratio']:.3f} "
+        f"| {_ci(ratios.get('recipe/limit', {}).get('prefill'), True)} | {_ci(tps)} | {_ci(ratios['recipe/untouched'].get('llm'))} "
+        f"| {r['metrics']['kv_cache_bytes']['ratio']:.3f} "
         f"| {1000 * v['untouched']['prefill_s']['median']:.0f} "
         f"| {v['untouched']['prefill_s']['noise']:.2f} / {v['recipe']['prefill_s']['noise']:.2f} |"
     )
@@ -111,7 +120,7 @@ def scaling(folder: Path) -> str:
 
 GPU_HEADER = (
     "| variant | avg vision tokens / layer | prefill ms [min-max] | prefill ratio [interval] | decode tok/s | decode ratio "
-    "| peak MiB above weights | KV-cache MiB |\n|---|---|---|---|---|---|---|---|"
+    "| LLM generation latency ratio [interval] | peak MiB above weights | KV-cache MiB |\n|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -129,11 +138,12 @@ def gpu_table(folder: Path) -> str:
         p, d = v["prefill_s"], v["decode_s"]
         base = rep["variants"]["untouched"]
         ratio = rep["ratios"].get(f"{name}/untouched", {}).get("prefill") if name != "untouched" else None
+        llm = rep["ratios"].get(f"{name}/untouched", {}).get("llm") if name != "untouched" else None
         tps = rep["batch"] * rep["new_tokens"] / d["median"] if d["n"] else float("nan")
         base_tps = rep["batch"] * rep["new_tokens"] / base["decode_s"]["median"]
         rows.append(
             f"| {label} | {avg:.1f} | {1000 * p['median']:.1f} [{1000 * p['min']:.1f}-{1000 * p['max']:.1f}] "
-            f"| {_ci(ratio) if ratio else '1'} | {tps:.1f} | {tps / base_tps:.3f} "
+            f"| {_ci(ratio) if ratio else '1'} | {tps:.1f} | {tps / base_tps:.3f} | {_ci(llm) if llm else '1' if name == 'untouched' else '-'} "
             f"| {(v['peak_memory_bytes'] or 0) / 2**20:.0f} | {v['kv_cache_bytes'] / 2**20:.0f} |"
         )
 
@@ -151,6 +161,7 @@ def gpu_table(folder: Path) -> str:
 
 
 REPRO_RATIOS = (("recipe/untouched", "prefill", "prefill ratio"), ("recipe/untouched", "decode", "decode time ratio"),
+                ("recipe/untouched", "llm", "LLM generation latency ratio"),
                 ("limit/untouched", "prefill", "limit ratio"), ("recipe/limit", "prefill", "tokencomp ÷ limit"),
                 ("peer/recipe", "prefill", "peer ÷ tokencomp"), ("hooks/untouched", "prefill", "keep=1 hooks ratio"))
 
@@ -181,7 +192,7 @@ def reproduction(first: Path, rerun: Path) -> str:
         other = rerun / path.name
         if not other.exists():
             continue
-        a, b = json.loads(path.read_text())[0], json.loads(other.read_text())[0]
+        a, b = read(path)[0], read(other)[0]
         for key, series, label in REPRO_RATIOS:
             ra, rb = _ratio(a, key, series), _ratio(b, key, series)
             if not ra or not rb:

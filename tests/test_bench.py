@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -82,9 +83,45 @@ def test_bench_output_is_well_formed():
     for key in ("recipe/untouched", "hooks/untouched", "limit/untouched", "recipe/limit"):
         assert {"prefill", "decode"} <= set(rep["ratios"][key]), key
     assert rep["limit"]["prefill_ratio"] == rep["ratios"]["limit/untouched"]["prefill"]["median"]
+    _check_llm_latency(rep)
     assert any("only 2 measured round" in w for w in rep["warnings"])
     text = format_report(rep)
     assert "efficiency" in text and "prefill_s" in text and "physical limit" in text
+    assert format_markdown_row(rep).count("|") == MARKDOWN_HEADER.splitlines()[0].count("|")
+
+
+def _check_llm_latency(rep):
+    """The LLM generation latency is, round by round, the prefill plus the decode timed after it,
+    paired like every other ratio; a result file without it (written before it existed) gets the
+    same numbers from its per-round times."""
+    import copy
+
+    from tokencomp.bench import add_llm_latency
+
+    v = rep["variants"]
+    per_round = lambda name: [p + d for p, d in zip(v[name]["prefill_s"]["values"], v[name]["decode_s"]["values"])]  # noqa: E731
+    for key, entry in rep["ratios"].items():
+        num, den = key.split("/")
+        want = [a / b for a, b in zip(per_round(num), per_round(den))]
+        assert entry["llm"]["rounds"] == pytest.approx(want), key
+        assert entry["llm"]["ci"][0] <= entry["llm"]["median"] <= entry["llm"]["ci"][1], key
+    row = rep["metrics"]["llm_generation_s"]
+    assert row["ratio"] == rep["ratios"]["recipe/untouched"]["llm"]["median"]
+    assert math.isclose(row["baseline"], statistics.median(per_round("untouched")))
+    assert math.isclose(row["compressed"], statistics.median(per_round("recipe")))
+    old = copy.deepcopy(rep)
+    del old["metrics"]["llm_generation_s"]
+    for entry in old["ratios"].values():
+        del entry["llm"]
+    assert add_llm_latency(json.loads(json.dumps(old))) == json.loads(json.dumps(rep))
+
+
+def test_llm_latency_needs_decode_rounds():
+    """Without decode steps there is no generation latency: none is reported or printed."""
+    model = build_synthetic("llava-1.5-7b:layers=4,hidden=64,heads=4,kv_heads=2,intermediate=128")
+    rep = bench(model, FASTV, vision_tokens=12, text_tokens=4, new_tokens=0, repeat=2, progress=False, limit=False, peer=False)
+    assert "llm_generation_s" not in rep["metrics"] and all("llm" not in e for e in rep["ratios"].values())
+    assert "llm_generation_s" not in format_report(rep)
     assert format_markdown_row(rep).count("|") == MARKDOWN_HEADER.splitlines()[0].count("|")
 
 

@@ -935,6 +935,14 @@ def _warnings(ratios: dict, rounds: int) -> list[str]:
     return out
 
 
+def _timed_row(b: float, c: float, r: Optional[dict]) -> dict:
+    """A metric row: baseline and compressed medians, and the paired ratio ``r`` with its intervals."""
+    row = {"baseline": b, "compressed": c, "ratio": r["median"] if r else float("nan")}
+    if r:
+        row.update({k: r[k] for k in ("ci", "ci_level", "rerun", "rerun_level", "min_based", "of_medians")})
+    return row
+
+
 def _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, new_tokens, repeat, dtype, device):
     base, hooks, comp = variants["untouched"], variants["hooks"], variants["recipe"]
     lim, peer = variants.get("limit"), variants.get("peer")
@@ -960,22 +968,15 @@ def _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, n
     dec = ratios["recipe/untouched"].get("decode")
     gen = ratios["recipe/untouched"].get("generate")
 
-    def timed_row(b, c, r):
-        row = {"baseline": b, "compressed": c, "ratio": r["median"] if r else nan}
-        if r:
-            row.update(ci=r["ci"], ci_level=r["ci_level"], rerun=r["rerun"], rerun_level=r["rerun_level"],
-                       min_based=r["min_based"], of_medians=r["of_medians"])
-        return row
-
     def plain_row(b, c):
         return {"baseline": b, "compressed": c, "ratio": c / b if b else nan}
 
     metrics = {
-        "prefill_s": timed_row(base.median("prefill_s"), comp.median("prefill_s"), pre),
-        "decode_tokens_per_s": timed_row(batch * new_tokens / base.median("decode_s") if base.decode_s else nan,
+        "prefill_s": _timed_row(base.median("prefill_s"), comp.median("prefill_s"), pre),
+        "decode_tokens_per_s": _timed_row(batch * new_tokens / base.median("decode_s") if base.decode_s else nan,
                                          batch * new_tokens / comp.median("decode_s") if comp.decode_s else nan,
                                          _invert(dec) if dec else None),
-        "generate_s": timed_row(base.median("generate_s"), comp.median("generate_s"), gen),
+        "generate_s": _timed_row(base.median("generate_s"), comp.median("generate_s"), gen),
         "peak_memory_bytes": plain_row(base.peak_bytes, comp.peak_bytes),
         "kv_cache_bytes": plain_row(base.kv_bytes, comp.kv_bytes),
         "kv_cache_bytes_after_decode": plain_row(base.kv_bytes_decoded, comp.kv_bytes_decoded),
@@ -1009,7 +1010,7 @@ def _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, n
             "peak_memory_bytes": peer.peak_bytes,
             "peak_memory_over_recipe": peer.peak_bytes / comp.peak_bytes if comp.peak_bytes else nan,
         }
-    return {
+    report = {
         "recipe": recipe.name or recipe.source,
         "model": type(model).__name__,
         "device": str(device),
@@ -1054,6 +1055,32 @@ def _report(model, recipe, variants, shape, vision_tokens, text_tokens, batch, n
         "hooks_overhead_share": hooks.median("overhead_s") / hooks.median("prefill_s"),
         "warnings": _warnings(ratios, repeat),
     }
+    return add_llm_latency(report)
+
+
+def add_llm_latency(rep: dict[str, Any]) -> dict[str, Any]:
+    """Add the LLM generation latency to a :func:`bench` report (also to one read from a result file
+    written before it existed: it is derived from the per-round times the file holds).
+
+    Per round, a variant's prefill plus the decode run that followed it on that prefill's cache: the
+    time the LLM takes to generate ``new_tokens`` tokens, which the V²Drop paper reports as "LLM
+    generation latency" (its ``generate()`` between CUDA events). Paired by round like every other
+    ratio (``ratios[...]["llm"]``); ``metrics["llm_generation_s"]`` is the recipe's against the
+    untouched model's. Absent when nothing was decoded."""
+    series = {}
+    for name, v in rep.get("variants", {}).items():
+        pre, dec = v.get("prefill_s", {}).get("values", []), v.get("decode_s", {}).get("values", [])
+        if dec and len(dec) == len(pre):
+            series[name] = [p + d for p, d in zip(pre, dec)]
+    for key, entry in rep.get("ratios", {}).items():
+        num, den = key.split("/")
+        if num in series and den in series:
+            entry["llm"] = paired_ratio(series[num], series[den])
+    gen = rep["ratios"].get("recipe/untouched", {}).get("llm")
+    if gen:
+        rep["metrics"]["llm_generation_s"] = _timed_row(
+            statistics.median(series["untouched"]), statistics.median(series["recipe"]), gen)
+    return rep
 
 
 def _fmt_ci(r: Optional[dict], digits: int = 3) -> str:
@@ -1101,7 +1128,7 @@ def format_report(rep: dict[str, Any]) -> str:
 
     # Measurements that were not made are said so, not printed as nan rows.
     if not rep["new_tokens"]:
-        notes, skip = ["nothing decoded (new tokens 0)"], {"decode_tokens_per_s", "generate_s", "kv_cache_bytes_after_decode", "decode_flops"}
+        notes, skip = ["nothing decoded (new tokens 0)"], {"decode_tokens_per_s", "generate_s", "kv_cache_bytes_after_decode", "decode_flops", "llm_generation_s"}
     elif m["generate_s"]["baseline"] != m["generate_s"]["baseline"]:  # nan: --no-generate
         notes, skip = ["generate not timed"], {"generate_s"}
     else:
@@ -1145,9 +1172,9 @@ def format_report(rep: dict[str, Any]) -> str:
 MARKDOWN_HEADER = (
     "| recipe | vision tokens | batch | avg kept / layer | FLOP ratio | prefill ratio [interval] min-based | limit ratio "
     "| tokencomp ÷ limit [interval] min-based "
-    "| time ÷ FLOPs | decode tok/s ratio [interval] | KV-cache ratio | peak-mem ratio | peer ÷ tokencomp prefill "
+    "| time ÷ FLOPs | decode tok/s ratio [interval] | LLM generation latency ratio [interval] | KV-cache ratio | peak-mem ratio | peer ÷ tokencomp prefill "
     "| peer ÷ tokencomp peak mem | scoring share | keep=1 hooks ratio [interval] | prefill noise |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -1178,7 +1205,7 @@ def format_markdown_row(rep: dict[str, Any]) -> str:
     return (
         f"| {rep['recipe']} | {rep['vision_tokens']} | {rep.get('batch', 1)} | {rep['average_vision_tokens']:.1f} | {rep['flop_ratio']:.3f} "
         f"| {_cell(m['prefill_s'], True)} | {_num(lim.get('prefill_ratio'))} | {_cell(r.get('recipe/limit', {}).get('prefill'), True)} "
-        f"| {rep['prefill_efficiency']:.3f} | {_cell(m['decode_tokens_per_s'])} "
+        f"| {rep['prefill_efficiency']:.3f} | {_cell(m['decode_tokens_per_s'])} | {_cell(m.get('llm_generation_s'))} "
         f"| {m['kv_cache_bytes']['ratio']:.3f} | {_num(m['peak_memory_bytes']['ratio'])} "
         f"| {_cell(r.get('peer/recipe', {}).get('prefill'))} | {_num(peer.get('peak_memory_over_recipe'), 2)} "
         f"| {100 * rep['overhead_share']:.2f}% | {_cell(hooks)} | {noise:.2f} |"
