@@ -170,6 +170,44 @@ def test_renumbered_input_stage_equals_feeding_the_shorter_sequence(family, attn
     assert max_score_diff(got, ref) < 1e-4
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_visionzip_layout_equals_feeding_dominant_then_contextual_tokens(attn):
+    """VisionZip's own code splices ``cat([dominant, contextual])`` into the prompt, numbered
+    contiguously. Reference: the untouched model fed the text, the kept tokens' states, then the
+    contextual tokens' states (taken from the same recipe with ``place: in_place``, where each sits
+    in its target's slot), in that order."""
+    model = tiny("llava", attn)
+    inputs = make_inputs(model, batch=1)
+
+    def visionzip(place):
+        merge = {"name": "contextual", "tokens": 3, "place": place}
+        return recipe([{"phase": "input", "keep": 0.25, "scorer": "random", "renumber": True, "merge": merge}])
+
+    with torch.no_grad(), tokencomp.apply(model, visionzip("in_place")) as h:
+        compact_in_place = decoder_input(model, inputs)  # the hook runs after the engine's: compacted
+        kept_idx, slots = h.stats.output_positions[0], h.stats.summary_positions[0][0]
+    with torch.no_grad(), tokencomp.apply(model, visionzip("after")) as h:
+        got = model.generate(**inputs, **gen_kwargs(model))
+        assert torch.equal(h.stats.output_positions[0], kept_idx)
+    vision = inputs["input_ids"][0, kept_idx] == model.config.image_token_id
+    is_slot = torch.isin(kept_idx, slots)
+    assert int(is_slot.sum()) == 3 and not bool(is_slot[~vision].any())
+    first = int(vision.nonzero()[0])
+    order = list(range(first)) + [int(i) for i in (vision & ~is_slot).nonzero().flatten()] + [
+        int(i) for i in is_slot.nonzero().flatten()] + list(range(int(vision.nonzero()[-1]) + 1, len(kept_idx)))
+    assert order != sorted(order)  # the contextual tokens do move
+    short = compact_in_place[:, order]
+    with torch.no_grad():
+        ref = model.generate(inputs_embeds=short, attention_mask=torch.ones(1, short.shape[1], dtype=torch.long), **gen_kwargs(model))
+    n_new = len(got.scores)
+    assert torch.equal(got.sequences[0, -n_new:], ref.sequences[0, -n_new:])
+    assert max_score_diff(got, ref) < 1e-4
+    # Negative control: the in-place layout is another input.
+    with torch.no_grad():
+        other = model.generate(inputs_embeds=compact_in_place, attention_mask=torch.ones(1, short.shape[1], dtype=torch.long), **gen_kwargs(model))
+    assert max_score_diff(other, ref) > 1e-4
+
+
 @pytest.mark.parametrize("mode", ["mask", "evict"])
 def test_decode_stage_after_a_renumbered_input_stage_equals_the_shorter_sequence(mode):
     """DyCoke's layout on LLaVA-OneVision (TTM before the LLM, renumbered as the official code, then

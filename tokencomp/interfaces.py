@@ -163,7 +163,9 @@ class Merger(_Plugin):
     A stage with a merger keeps exactly its budget ``k``: the selector keeps ``k - c`` tokens, where
     ``c = summary_tokens(k)``, and :meth:`merge` turns ``c`` of the dropped tokens into summary tokens.
     A summary token takes the *slot* of one dropped token: its original position (so RoPE, masks and
-    the cache treat it like that token), and its row of the hidden states.
+    the cache treat it like that token), and its row of the hidden states. A merger may also lay the
+    states of the held slots (kept and summary) out in another order, slots staying where they are:
+    VisionZip's contextual tokens follow the dominant ones of their image (``contextual``'s ``place``).
     """
 
     def summary_tokens(self, budget: torch.Tensor) -> torch.Tensor:

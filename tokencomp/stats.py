@@ -18,8 +18,9 @@ class Stats:
     ``vision_tokens_per_layer[b][l]``: vision tokens of sample ``b`` entering decoder layer ``l``.
     ``kept_positions_per_stage[b][layer]``: original sequence positions of the vision tokens sample
     ``b`` kept at the stage before ``layer`` (summary tokens of a merger included, in their slots'
-    positions); ``summary_positions_per_stage[b][layer]``: the slots that hold summary tokens (stages
-    with a merger only). ``output_positions``: (B, S) original position of every token the decoder
+    positions); ``summary_positions_per_stage[b][layer]``: the slots given to summary tokens (stages
+    with a merger only; a merger may lay its image's held states out in another order, see
+    :class:`tokencomp.Merger`). ``output_positions``: (B, S) original position of every token the decoder
     returned (its output is shorter than the input after a drop).
 
     ``kept_positions[layer][b]`` and ``summary_positions[layer][b]`` are the same, stage first: read-only

@@ -4,17 +4,21 @@ one token, ``h[target] + mean(h[members])``.
 
 VisionZip does this on the vision encoder's penultimate hidden states and groups by that layer's
 head-averaged keys, before the projector; here it runs on the states the stage sees (projected
-embeddings for an input stage) and groups by their cosine similarity. A summary token sits in its
-target's slot (the target's original position), so in the compacted sequence the contextual tokens
-are interleaved, in raster order, with the dominant ones (VisionZip appends them after the dominant
-tokens: with renumbered positions, 10-30 tokens get other positions). Several images in one prompt
-share the sample's budget and one set of targets (VisionZip works per image). Sums and counts are
-taken in float32 (a bf16 count is not exact above 256).
+embeddings for an input stage) and groups by their cosine similarity. VisionZip feeds the LLM
+``cat([dominant, contextual])`` (``clip_encoder.py`` L83): the dominant tokens in sequence order, then
+the contextual ones in target order. ``place: after`` (the default) does the same: the image's kept
+slots keep their places and the states are laid into them in that order, so with renumbered
+positions (``renumber: true``) every token gets VisionZip's position. ``place: in_place`` leaves each
+contextual token in its target's slot instead (for M-RoPE models, whose positions are the patch's
+place in the grid). Several images in one prompt share the sample's budget and one set of targets
+(VisionZip works per image); each contextual token goes after the dominant tokens of its target's
+image. Sums and counts are taken in float32 (a bf16 count is not exact above 256).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -30,6 +34,8 @@ class ContextualMerger(Merger):
 
     tokens: int = field(default=10, metadata={"min": 1})
     """Summary tokens per sample (VisionZip: 30 / 20 / 10 for 192 / 128 / 64), taken from the budget."""
+    place: Literal["after", "in_place"] = "after"
+    """Where the contextual tokens go: after their image's dominant tokens (VisionZip), or in their targets' slots."""
 
     def summary_tokens(self, budget):
         return torch.clamp(budget, max=self.tokens)
@@ -51,7 +57,34 @@ class ContextualMerger(Merger):
         sums = weights.transpose(1, 2) @ h.float()  # (B, S, D): per target, the sum of its members
         counts = weights.sum(1)[:, :, None]
         merged = (h.float() + sums / counts.clamp(min=1)).to(h.dtype)
-        return torch.where(slots[:, :, None], merged, h), slots
+        out = torch.where(slots[:, :, None], merged, h)
+        if self.place == "after":
+            # A sample whose dropped tokens all became targets merged nothing (keep = 1): its
+            # summary tokens are its own tokens, so it keeps its order (the identity).
+            out = summaries_last(out, kept, slots & members.any(1, keepdim=True), view.groups)
+        return out, slots
+
+
+def summaries_last(h: torch.Tensor, kept: torch.Tensor, slots: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """``h`` with the states of the held tokens (``kept | slots``) of each image reordered: first the
+    kept ones, then the summary tokens (``slots``), each in sequence order. The held slots themselves
+    do not move (positions, masks and the cache stay ascending): only which state each one carries.
+    An image is a stretch of held tokens, in sequence order, with one ``groups`` value."""
+    B, S, D = h.shape
+    held = kept | slots
+    pos = torch.arange(S, device=h.device).expand(B, S)
+    # The held slots in sequence order, then the others (which keep their states).
+    dest = torch.sort(torch.where(held, pos, pos + S), dim=1, stable=True).indices
+    g = groups.gather(1, dest)
+    new_image = torch.ones_like(dest, dtype=torch.bool)
+    new_image[:, 1:] = g[:, 1:] != g[:, :-1]
+    image = torch.cumsum(new_image.long(), 1)
+    is_held, is_summary = held.gather(1, dest), slots.gather(1, dest)
+    # Sort key of each state: its image, kept before summary, then its place; the others after all.
+    key = torch.where(is_held, (image * 2 + is_summary.long()) * S + dest, (2 * S + 3) * S + dest)
+    src = dest.gather(1, torch.sort(key, dim=1, stable=True).indices)
+    index = dest[:, :, None].expand(-1, -1, D)
+    return h.scatter(1, index, h.gather(1, src[:, :, None].expand(-1, -1, D)))
 
 
 @tokencomp.hookimpl
