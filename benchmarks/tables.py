@@ -18,7 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from tokencomp.bench import MARKDOWN_HEADER, add_llm_latency, format_markdown_row
+from tokencomp.bench import MARKDOWN_HEADER, add_llm_latency, format_markdown_row, rerun_bounds
 
 
 def load(folder: Path) -> list:
@@ -168,8 +168,12 @@ REPRO_RATIOS = (("recipe/untouched", "prefill", "prefill ratio"), ("recipe/untou
 
 def _stated(entry: dict) -> tuple:
     """The interval a result file states for a rerun's median, and its coverage: the rerun interval
-    (``tokencomp.bench.rerun_interval``), or for files written before it existed the median's
-    interval with its confidence."""
+    with its drift allowance (``tokencomp.bench.rerun_bounds``, from the per-round ratios the file
+    holds), the stored one for files without rounds, or for files written before either existed
+    the median's interval with its confidence."""
+    if entry.get("rounds"):  # recomputed, so files written before the drift allowance state the same
+        lo, hi, level, _ = rerun_bounds(entry["rounds"])
+        return [lo, hi], level
     if "rerun" in entry:
         return entry["rerun"], entry["rerun_level"]
     return entry["ci"], entry.get("ci_level", 0.0)
@@ -181,7 +185,8 @@ def reproduction(first: Path, rerun: Path) -> str:
     how many misses the stated coverages lead one to expect."""
     lines = [
         f"Rerun of the commands whose results are in `{first}` (results in `{rerun}`): is each rerun median inside "
-        "the interval the first run stated for a rerun (coverage in brackets)?",
+        "the interval the first run stated for a rerun (its coverage for rounds exchangeable between the runs in brackets; "
+        "the interval includes the first run's drift, see `tokencomp.bench.rerun_bounds`)?",
         "",
         "| result | ratio | first run: median [interval for a rerun] (coverage) | rerun: median | inside |",
         "|---|---|---|---|---|",

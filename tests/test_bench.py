@@ -525,12 +525,50 @@ def test_rerun_interval_is_the_narrowest_pair_reaching_the_target():
     lo, hi, cov = rerun_interval(x[:5])  # too few rounds: the full range, with its honest coverage
     assert (lo, hi) == (1.0, 5.0) and cov == pytest.approx(0.8333, abs=1e-4)
     r = paired_ratio([2.0, 4.0, 3.0, 5.0, 6.0], [1.0, 1.0, 1.0, 1.0, 1.0])
-    assert r["rounds"] == [2.0, 4.0, 3.0, 5.0, 6.0] and r["rerun"] == [2.0, 6.0]
+    assert r["rounds"] == [2.0, 4.0, 3.0, 5.0, 6.0] and r["rerun_exchangeable"] == [2.0, 6.0]
+    assert r["drift"] == 2.0 and r["rerun"] == [0.0, 8.0]  # halves' medians 3 and 5
     assert r["rerun"][0] <= r["ci"][0] and r["ci"][1] <= r["rerun"][1]
     from tokencomp.bench import _invert  # a time ratio read as a rate: the interval flips
 
     inv = _invert(r)
-    assert inv["rerun"] == [1 / 6.0, 1 / 2.0] and inv["rounds"] == [1 / v for v in r["rounds"]]
+    assert inv["rerun_exchangeable"] == [1 / 6.0, 1 / 2.0] and inv["rounds"] == [1 / v for v in r["rounds"]]
+    assert inv["rerun"][0] == 1 / 8.0
+
+
+def test_rerun_interval_allows_for_the_drift_of_the_run():
+    """A run whose second half sits higher than its first states a wider rerun interval, by the
+    difference of the halves' medians on each side; a steady run states the exchangeable one."""
+    from tokencomp.bench import drift, paired_ratio, rerun_bounds, rerun_interval
+
+    steady = [1.0, 1.2, 0.9, 1.1, 1.0, 1.2, 0.9, 1.1]
+    assert drift(steady) == 0.0 and rerun_bounds(steady)[:3] == rerun_interval(steady)
+    moving = [1.0, 1.1, 0.9, 1.0, 1.3, 1.4, 1.2, 1.3]  # halves' medians 1.0 and 1.3
+    assert drift(moving) == pytest.approx(0.3)
+    lo, hi, cov, d = rerun_bounds(moving)
+    xlo, xhi, xcov = rerun_interval(moving)
+    assert (lo, hi, cov) == pytest.approx((xlo - 0.3, xhi + 0.3, xcov))
+    r = paired_ratio(moving, [1.0] * 8)
+    assert r["rerun"] == pytest.approx([lo, hi]) and r["rerun_exchangeable"] == [xlo, xhi] and r["drift"] == pytest.approx(0.3)
+    assert drift([]) == drift([2.0]) == 0.0
+
+
+def test_reproduction_uses_the_drift_allowance_from_the_rounds(tmp_path):
+    tables = _tables()
+    rounds = [0.50, 0.52, 0.49, 0.51, 0.56, 0.58, 0.57, 0.55]  # drifts up by 0.055 (halves 0.505 / 0.560)
+
+    def rep(median, rounds=None):
+        r = {"median": median, "ci": [median, median], "ci_level": 0.9, "rerun": [0.0, 0.0], "rerun_level": 0.99}
+        if rounds:
+            r["rounds"] = rounds
+        return [{"ratios": {"recipe/untouched": {"prefill": r}}}]
+
+    first, rerun = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), rerun.mkdir()
+    (first / "x.json").write_text(json.dumps(rep(0.535, rounds)))
+    (rerun / "x.json").write_text(json.dumps(rep(0.60)))  # above the range 0.49-0.58, inside 0.58 + 0.055
+    assert "1 of 1 rerun ratios fall inside" in tables.reproduction(first, rerun)
+    (rerun / "x.json").write_text(json.dumps(rep(0.65)))  # beyond the allowance too
+    assert "0 of 1 rerun ratios fall inside" in tables.reproduction(first, rerun)
 
 
 def test_decode_time_is_the_median_step_times_the_steps(monkeypatch):
