@@ -50,8 +50,8 @@ def preamble(reps: list) -> str:
 
     level = levels("ci_level", 0) or "see the result files"
     reruns = levels("rerun_level", 1)
-    rerun = (f"; the interval a rerun's median should fall in ({reruns}) is wider: it is in the result files and the "
-             "reproduction tables") if reruns else ""
+    rerun = (f"; the interval a rerun's median should fall in ({reruns} for exchangeable rounds, widened by the run's "
+             "drift) is wider: it is in the result files and the reproduction tables") if reruns else ""
     return (
         f"Device {first['device']}, {first['dtype']}, {first['attn']}, {first['threads']} threads; models: {models}; "
         f"{'/'.join(map(str, rounds))} timed rounds after a warm-up. Intervals are those of the median of the paired "
