@@ -1091,8 +1091,8 @@ def add_llm_latency(rep: dict[str, Any]) -> dict[str, Any]:
     written before it existed: it is derived from the per-round times the file holds).
 
     Per round, a variant's prefill plus the decode run that followed it on that prefill's cache: the
-    time the LLM takes to generate ``new_tokens`` tokens, which the V²Drop paper reports as "LLM
-    generation latency" (its ``generate()`` between CUDA events). Paired by round like every other
+    time the LLM takes to generate ``new_tokens`` tokens, which token-compression papers report as
+    "LLM generation latency" (``generate()`` timed between CUDA events). Paired by round like every other
     ratio (``ratios[...]["llm"]``); ``metrics["llm_generation_s"]`` is the recipe's against the
     untouched model's. Absent when nothing was decoded."""
     series = {}
