@@ -381,6 +381,9 @@ def test_gpu_script_dry_run_and_tables(tmp_path):
     text = tables.gpu_table(tmp_path)
     assert text.count("\n| ") == 1 + 1 + 2 + 3  # header, untouched, v2drop + limit, fastv original / probes / limit
     assert "original code (full attention matrix)" in text and "q/k probes" in text
+    rows = [l for l in text.splitlines() if l.startswith("| ")]
+    assert len({l.count("|") for l in rows}) == 1  # every row has the header's cells (LLM latency included)
+    assert rows[1].split("|")[7].strip() == "1"  # the untouched row's own LLM generation latency ratio
     assert "| recipe |" in tables.table(tmp_path)
     doc = tmp_path / "B.md"
     doc.write_text("x\n<!-- table:gpu -->\nold\n<!-- /table:gpu -->\ny\n")
