@@ -1104,7 +1104,7 @@ def add_llm_latency(rep: dict[str, Any]) -> dict[str, Any]:
         num, den = key.split("/")
         if num in series and den in series:
             entry["llm"] = paired_ratio(series[num], series[den])
-    gen = rep["ratios"].get("recipe/untouched", {}).get("llm")
+    gen = rep.get("ratios", {}).get("recipe/untouched", {}).get("llm")
     if gen:
         rep["metrics"]["llm_generation_s"] = _timed_row(
             statistics.median(series["untouched"]), statistics.median(series["recipe"]), gen)
@@ -1165,7 +1165,8 @@ def format_report(rep: dict[str, Any]) -> str:
         if key in skip:
             continue
         ci = (f"  {row['ci'][0]:.3f}-{row['ci'][1]:.3f} ({100 * row['ci_level']:.0f}%), min-based {row['min_based']:.3f}, "
-              f"a rerun: {row['rerun'][0]:.3f}-{row['rerun'][1]:.3f} ({100 * row['rerun_level']:.1f}%)") if "ci" in row else ""
+              f"a rerun: {row['rerun'][0]:.3f}-{row['rerun'][1]:.3f} ({100 * row['rerun_level']:.1f}% for exchangeable rounds, "
+              f"with the run's drift)") if "ci" in row else ""
         lines.append(f"{key:<22}{fmt(key, row['baseline']):>14}{fmt(key, row['compressed']):>14}{row['ratio']:>9.3f}{ci}")
     r = rep.get("ratios", {})
     lines += [f"({'; '.join(notes)})"] if notes else []
