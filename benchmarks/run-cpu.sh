@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU benchmark scenarios of BENCHMARKS.md (a shared 2-core machine: small shapes, 15 rounds: enough
-# for an interval that a rerun's median falls in with probability 99.8%, see tokencomp.bench.rerun_interval).
+# for an interval that a rerun's median falls in with probability 99.8% when rounds are exchangeable, widened by
+# the run's drift: see tokencomp.bench.rerun_bounds).
 # Each writes $RES/<table>/<name>.json and .log (RES=benchmarks/results by default; the reproduction
 # check reruns the same commands with RES=benchmarks/results/rerun, then
 #   python benchmarks/tables.py benchmarks/results/cpu --reproduce benchmarks/results/rerun/cpu --tag reproduce-cpu --update BENCHMARKS.md
