@@ -22,8 +22,7 @@ from tokencomp.bench import MARKDOWN_HEADER, add_llm_latency, format_markdown_ro
 
 
 def load(folder: Path) -> list:
-    reps = [read(path) for path in sorted(folder.glob("*.json"))]
-    reps = [rep for got in reps for rep in got]
+    reps = [rep for path in sorted(folder.glob("*.json")) for rep in read(path)]
     reps.sort(key=lambda r: (r["vision_tokens"], r.get("batch", 1), r["recipe"]))
     return reps
 

@@ -286,11 +286,10 @@ def _invert(r: dict) -> dict:
     out = dict(r)
     for key in ("median", "min_based", "of_medians"):
         out[key] = inv(r[key])
-    out["ci"] = [inv(r["ci"][1]), inv(r["ci"][0])]
+    for key in ("ci", "rerun", "rerun_exchangeable"):  # an interval flips: its high end becomes the low one
+        if key in r:
+            out[key] = [inv(r[key][1]), inv(r[key][0])]
     if "rerun" in r:
-        out["rerun"] = [inv(r["rerun"][1]), inv(r["rerun"][0])]
-        if "rerun_exchangeable" in r:
-            out["rerun_exchangeable"] = [inv(r["rerun_exchangeable"][1]), inv(r["rerun_exchangeable"][0])]
         out["rounds"] = [inv(x) for x in r["rounds"]]
     return out
 

@@ -177,11 +177,13 @@ class Handle:
             for i, layer in enumerate(self._layers):
                 self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             for stage in self._stages:
-                # Keys for needs_prev_keys (an input stage has no layer before it: its view has none).
-                names = ("q", "k") if stage.scorer.attention == "previous" else ("k",) if stage.scorer.needs_prev_keys and stage.layer > 0 else ()
-                attn = self._layers[stage.layer - 1].self_attn if names else None
+                names: tuple[str, ...] = ()
+                if stage.scorer.attention == "previous":
+                    names = ("q", "k")
+                elif stage.scorer.needs_prev_keys and stage.layer > 0:  # an input stage has no layer before it
+                    names = ("k",)
                 for name in names:
-                    proj = getattr(attn, f"{name}_proj")
+                    proj = getattr(self._layers[stage.layer - 1].self_attn, f"{name}_proj")
                     self._hooks.append(proj.register_forward_hook(self._capture_hook(stage.layer - 1, name)))
                 if stage.scorer.needs_prev_hidden:
                     self._hooks.append(self._layers[stage.layer - 1].register_forward_hook(self._output_hook()))
